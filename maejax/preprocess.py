@@ -12,8 +12,8 @@ EPS = 1e-5
 
 
 def self_standardize(images, eps: float = EPS, xp=np):
-  """images: (..., C, H, W) uint8 or float in [0, 255]. Returns float32 of the same shape."""
-  x = xp.asarray(images).astype(xp.float32) / 255.0
-  mean = x.mean(axis=(-2, -1), keepdims=True)
-  var = ((x - mean) ** 2).mean(axis=(-2, -1), keepdims=True)
-  return (x - mean) / xp.sqrt(var + eps)
+    """images: (..., C, H, W) uint8 or float in [0, 255]. Returns float32 of the same shape."""
+    x = xp.asarray(images).astype(xp.float32) / 255.0
+    mean = x.mean(axis=(-2, -1), keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=(-2, -1), keepdims=True)
+    return (x - mean) / xp.sqrt(var + eps)
