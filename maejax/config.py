@@ -1,0 +1,149 @@
+"""Experiment configs: `configs/<name>.py` defines `get_config(arg)` (big_vision style), chosen on the command
+line as `--config configs/name.py:key=value,key2=value2` and overridden with `--config.section.key=value`.
+
+`base()` holds every key with its default, so configs only state what differs and a typo in a config
+file or an override is an error that names the key.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any
+
+import ml_collections
+
+from maejax.sharding import DEFAULT_RULES
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.log_every = 50
+    c.ckpt_every = 500
+    c.keep_ckpts = 3
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""              # dataset directory (maejax.records.LAYOUT)
+    c.data.batch_size = 64       # global batch size (all processes)
+    c.data.crop_size = 64        # model input size; records may be larger (random crop)
+    c.data.flip = True
+    c.data.rot90 = True
+    c.data.workers = 0           # grain worker processes per host (0 = in-process)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mae"
+    c.model.variant = "S/16"
+    c.model.in_channels = 6
+    # Explicit overrides of the variant's dimensions (0 = take the variant's).
+    c.model.width = 0
+    c.model.depth = 0
+    c.model.mlp_dim = 0
+    c.model.num_heads = 0
+    c.model.block = "pre_ln"     # "pre_ln" | "parallel" (OpenPhenom / ViT-22B)
+    c.model.qkv_bias = True
+    c.model.qk_norm = False
+    c.model.layerscale = ml_collections.FieldReference(None, field_type=float)
+    c.model.drop_path = 0.0
+    c.model.norm_eps = 1e-6
+    c.model.cls_token = True
+    c.model.final_norm = "tokens"
+    c.model.dtype = "float32"    # compute dtype ("bfloat16" at scale); parameters stay float32
+    c.model.param_dtype = "float32"
+    c.model.attention = ml_collections.FieldReference(None, field_type=str)  # None (XLA) | "cudnn"
+    c.model.scan_layers = True
+    c.model.remat = "none"       # none | full | dots | dots_no_batch
+    c.model.mask_ratio = 0.75
+    c.model.decoder_width = 512
+    c.model.decoder_depth = 8
+    c.model.decoder_heads = 16
+    c.model.fourier_weight = 0.01
+    c.model.norm_pix_loss = False
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"       # adamw | lion
+    c.optim.lr = 1e-4
+    c.optim.min_lr_ratio = 0.0
+    c.optim.warmup_steps = 100
+    c.optim.weight_decay = 0.05
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.clip_norm = 1.0
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = [list(r) for r in DEFAULT_RULES]
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 128
+    c.eval.pca_components = 64
+    c.eval.correction = "centerscale"    # centerscale | tvn | none
+    c.eval.control = "non-targeting"
+    c.eval.thresholds = [[0.05, 0.95]]
+    c.eval.probe = True
+    return c
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """"variant=L/8,steps=100,runlocal" -> ConfigDict; keys must be among `defaults` (typed by them)."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, eq, value = item.partition("=")
+        if key not in defaults:
+            raise KeyError(f"config argument {key!r} is not one of {sorted(defaults)}")
+        default = defaults[key]
+        if not eq:
+            value = True
+        elif isinstance(default, bool):
+            value = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)):
+            value = type(default)(value)
+        out[key] = value
+    return out
+
+
+def load(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """Loads `path.py[:arg]` and applies {"section.key": value} overrides (unknown keys are errors)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    module_spec = importlib.util.spec_from_file_location(f"maejax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    config.lock()
+    for key, value in (overrides or {}).items():
+        override(config, key, value)
+    return config
+
+
+def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets `section.key` in a locked config; a key that does not exist is an error that names it."""
+    *parents, leaf = key.split(".")
+    node = config
+    for i, p in enumerate(parents):
+        if p not in node:
+            raise KeyError(f"config has no key {'.'.join(parents[:i + 1])!r} (in override {key}={value!r})")
+        node = node[p]
+    if leaf not in node:
+        raise KeyError(f"config has no key {key!r}; known keys here: {sorted(node.keys())}")
+    if isinstance(value, str) and not isinstance(node[leaf], str):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+    node[leaf] = value
+
+
+def check_known(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
+                prefix: str = "") -> None:
+    """Every key of `config` must exist in `base()` (catches typos in config files)."""
+    reference = base() if reference is None else reference
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            raise KeyError(f"unknown config key {name!r} (not in maejax.config.base())")
+        if isinstance(config[key], ml_collections.ConfigDict) and isinstance(reference[key],
+                                                                             ml_collections.ConfigDict):
+            if key != "mesh":
+                check_known(config[key], reference[key], prefix=f"{name}.")

@@ -1,0 +1,77 @@
+"""Training metrics: TensorBoard event files (tensorboardX: no TensorFlow needed), a JSON-lines file, and a
+console progress line with an ETA. Only process 0 writes."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, total_steps: int, *, enabled: bool | None = None, stream=sys.stdout):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.total_steps = total_steps
+        self.stream = stream
+        self._t0 = time.time()
+        self._first_step = None
+        self._tb = None
+        self._jsonl = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter  # deferred: a few hundred ms of import
+            os.makedirs(workdir, exist_ok=True)
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write(self, step: int, scalars: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "time": time.time()}
+        for k, v in scalars.items():
+            v = float(np.asarray(v))
+            row[k] = v
+            self._tb.add_scalar(k, v, step)
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+
+    def progress(self, step: int, scalars: dict[str, Any]) -> None:
+        """One console line: step, chosen scalars, throughput and ETA from the steps seen so far."""
+        if not self.enabled:
+            return
+        now = time.time()
+        if self._first_step is None:
+            self._first_step, self._t0 = step, now
+        done = step - self._first_step
+        eta = (now - self._t0) / done * (self.total_steps - step) if done > 0 else float("nan")
+        parts = [f"step {step}/{self.total_steps}"]
+        for k in ("loss", "grad_norm", "lr", "examples_per_s", "step_time_s", "mfu"):
+            if k in scalars:
+                parts.append(f"{k} {_fmt(float(np.asarray(scalars[k])))}")
+        parts.append(f"ETA {_duration(eta)}")
+        print(" | ".join(parts), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3e}" if (v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4)) else f"{v:.4g}"
+
+
+def _duration(s: float) -> str:
+    if not np.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

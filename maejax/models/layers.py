@@ -1,0 +1,207 @@
+"""Transformer building blocks with logical axis names on every parameter.
+
+Parameters are float32 (`param_dtype`); matmuls run in the compute `dtype` (bf16 for training at scale),
+norms and softmax in float32. Two block types:
+- `PreLNBlock`: the standard ViT/MAE block (x + attn(LN(x)); x + mlp(LN(x))), optional LayerScale.
+- `ParallelBlock`: ViT-22B / timm `ParallelScalingBlock` as in OpenPhenom: one LN feeding attention (with
+  q/k LayerNorm) and the MLP in parallel, x + gamma * (attn + mlp).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from maejax.sharding import constrain
+
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    width: int
+    mlp_dim: int
+    num_heads: int
+    block: str = "pre_ln"            # "pre_ln" | "parallel"
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    layerscale: float | None = None  # initial LayerScale value; None = no LayerScale
+    drop_path: float = 0.0
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32         # compute dtype
+    param_dtype: Any = jnp.float32
+    attention: str | None = None     # jax.nn.dot_product_attention implementation: None(xla) | "cudnn"
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+def param(rngs: nnx.Rngs, init, shape, names, dtype) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=tuple(names))
+
+
+def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs,
+                         scale_metadata={"out_sharding": ("norm",)},
+                         bias_metadata={"out_sharding": ("norm",)})
+
+
+class Dense(nnx.Module):
+    """y = x @ W + b with named axes; `in_names`/`out_names` are the logical names of W's two axes."""
+
+    def __init__(self, d_in: int, d_out: int, names: tuple[str, str], *, rngs: nnx.Rngs, use_bias=True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=xavier):
+        self.kernel = param(rngs, kernel_init, (d_in, d_out), names, param_dtype)
+        self.bias = param(rngs, zeros, (d_out,), names[1:], param_dtype) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: zero the whole residual branch of a random subset of samples."""
+    if rate == 0.0 or key is None:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection laid out (embed, 3, heads, kv).
+
+    The (3, heads, kv) layout keeps each head's q, k and v on the same tensor-parallel shard.
+    """
+
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
+        d, h, hd = cfg.width, cfg.num_heads, cfg.head_dim
+        if d % h:
+            raise ValueError(f"width {d} is not divisible by num_heads {h}")
+        pd = cfg.param_dtype
+        self.qkv = param(rngs, _fan_in_out(xavier, d, 3 * d), (d, 3, h, hd), ("embed", None, "heads", "kv"), pd)
+        self.qkv_bias = param(rngs, zeros, (3, h, hd), (None, "heads", "kv"), pd) if cfg.qkv_bias else None
+        self.out = param(rngs, _fan_in_out(xavier, d, d), (h, hd, d), ("heads", "kv", "embed"), pd)
+        self.out_bias = param(rngs, zeros, (d,), ("norm",), pd)
+        self.q_norm = layer_norm(hd, cfg.norm_eps, rngs, pd) if cfg.qk_norm else None
+        self.k_norm = layer_norm(hd, cfg.norm_eps, rngs, pd) if cfg.qk_norm else None
+        self.cfg = cfg
+
+    def project_qkv(self, y: jax.Array) -> jax.Array:
+        dt = self.cfg.dtype
+        qkv = jnp.einsum("btd,dshk->btshk", y.astype(dt), self.qkv[...].astype(dt))
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias[...].astype(dt)
+        return qkv
+
+    def attend(self, qkv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """qkv: (B, T, 3, H, hd) -> attention output projected back to (B, T, D)."""
+        dt = self.cfg.dtype
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.q_norm is not None:
+            q = self.q_norm(q).astype(dt)
+            k = self.k_norm(k).astype(dt)
+        q = constrain(q, "act_batch", "act_seq", "act_heads", None)
+        a = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.cfg.attention)
+        y = jnp.einsum("bthk,hkd->btd", a, self.out[...].astype(dt))
+        return y + self.out_bias[...].astype(dt)
+
+    def __call__(self, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        return self.attend(self.project_qkv(y), mask)
+
+
+def _fan_in_out(init, fan_in: int, fan_out: int):
+    """Initialise a multi-axis kernel as if it were a (fan_in, fan_out) matrix (xavier on the 2-D view)."""
+    def f(key, shape, dtype):
+        return init(key, (fan_in, fan_out), dtype).reshape(shape)
+    return f
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.fc1 = Dense(cfg.width, cfg.mlp_dim, ("embed", "mlp"), **kw)
+        self.fc2 = Dense(cfg.mlp_dim, cfg.width, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        h = jax.nn.gelu(self.fc1(x), approximate=False)
+        h = constrain(h, "act_batch", "act_seq", "act_mlp")
+        return self.fc2(h)
+
+
+class LayerScale(nnx.Module):
+    def __init__(self, dim: int, init_value: float, param_dtype=jnp.float32):
+        self.gamma = nnx.Param(jnp.full((dim,), init_value, param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x):
+        return x * self.gamma[...].astype(x.dtype)
+
+
+class PreLNBlock(nnx.Module):
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
+        self.norm1 = layer_norm(cfg.width, cfg.norm_eps, rngs, cfg.param_dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.norm2 = layer_norm(cfg.width, cfg.norm_eps, rngs, cfg.param_dtype)
+        self.mlp = Mlp(cfg, rngs=rngs)
+        ls = cfg.layerscale
+        self.ls1 = LayerScale(cfg.width, ls, cfg.param_dtype) if ls is not None else None
+        self.ls2 = LayerScale(cfg.width, ls, cfg.param_dtype) if ls is not None else None
+        self.cfg = cfg
+
+    def __call__(self, x, key=None, mask=None):
+        k1, k2 = jax.random.split(key) if key is not None else (None, None)
+        a = self.attn(self.norm1(x), mask)
+        a = self.ls1(a) if self.ls1 is not None else a
+        x = x + drop_path(a, self.cfg.drop_path, k1).astype(x.dtype)
+        m = self.mlp(self.norm2(x))
+        m = self.ls2(m) if self.ls2 is not None else m
+        x = x + drop_path(m, self.cfg.drop_path, k2).astype(x.dtype)
+        return constrain(x, "act_batch", "act_seq", "act_embed")
+
+
+class ParallelBlock(nnx.Module):
+    """x + gamma * (attn(LN(x)) + mlp(LN(x))), q/k LayerNorm: the OpenPhenom / ViT-22B block."""
+
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
+        kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        self.in_norm = layer_norm(cfg.width, cfg.norm_eps, rngs, cfg.param_dtype)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_in = Dense(cfg.width, cfg.mlp_dim, ("embed", "mlp"), **kw)
+        self.mlp_out = Dense(cfg.mlp_dim, cfg.width, ("mlp", "embed"), **kw)
+        self.ls = LayerScale(cfg.width, cfg.layerscale if cfg.layerscale is not None else 1.0, cfg.param_dtype)
+        self.cfg = cfg
+
+    def __call__(self, x, key=None, mask=None):
+        y = self.in_norm(x)
+        a = self.attn(y, mask)
+        m = self.mlp_out(constrain(jax.nn.gelu(self.mlp_in(y), approximate=False), "act_batch", "act_seq", "act_mlp"))
+        x = x + drop_path(self.ls(a + m), self.cfg.drop_path, key).astype(x.dtype)
+        return constrain(x, "act_batch", "act_seq", "act_embed")
+
+
+BLOCKS = {"pre_ln": PreLNBlock, "parallel": ParallelBlock}
+
+
+def sincos_2d(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position table (grid_h*grid_w, dim), raster order, as in MAE and OpenPhenom.
+
+    dim/4 frequencies each for [sin(row), cos(row), sin(col), cos(col)], omega_k = 10000^(-k/(dim/4)).
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    f = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(f, dtype=np.float64) / f)
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
+    r = rows.reshape(-1, 1) * omega
+    c = cols.reshape(-1, 1) * omega
+    return np.concatenate([np.sin(r), np.cos(r), np.sin(c), np.cos(c)], axis=1).astype(np.float32)

@@ -1,0 +1,91 @@
+"""Model and optimiser state on a mesh: abstract shapes and shardings first, then a jitted init that
+materialises every parameter directly in its shard (nothing is built on the host), or a restore.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from maejax import models, sharding as shd
+from maejax.checkpoint import Checkpoints
+
+
+@dataclasses.dataclass
+class ShardedState:
+    """Graph definitions plus abstract states (ShapeDtypeStruct with shardings) of model and optimiser."""
+    model_def: Any
+    model_abstract: Any
+    opt_def: Any = None
+    opt_abstract: Any = None
+
+    @property
+    def model_shardings(self):
+        return jax.tree.map(lambda x: x.sharding, self.model_abstract)
+
+    @property
+    def opt_shardings(self):
+        return jax.tree.map(lambda x: x.sharding, self.opt_abstract)
+
+
+def _constructor(model_cfg, seed: int, tx: optax.GradientTransformation | None) -> Callable:
+    def init():
+        model = models.build(model_cfg, nnx.Rngs(seed))
+        if tx is None:
+            return (model,)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return init
+
+
+def abstract(model_cfg, mesh: Mesh, rules, *, seed: int = 0,
+             tx: optax.GradientTransformation | None = None) -> ShardedState:
+    """Shapes and shardings of the model (and optimiser), without allocating anything."""
+    init = _constructor(model_cfg, seed, tx)
+    with shd.activate(mesh, rules):
+        built = nnx.eval_shape(init)
+        defs_states = [nnx.split(x) for x in built]
+        with_sh = [(d, _with_shardings(s, mesh)) for d, s in defs_states]
+    if tx is None:
+        return ShardedState(*with_sh[0])
+    return ShardedState(*with_sh[0], *with_sh[1])
+
+
+def _with_shardings(state, mesh):
+    shardings = nnx.get_named_sharding(state, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def initialize(model_cfg, mesh: Mesh, rules, sharded: ShardedState, *, seed: int = 0,
+               tx: optax.GradientTransformation | None = None):
+    """Materialises fresh parameters (and optimiser state) directly with their shardings."""
+    init = _constructor(model_cfg, seed, tx)
+    out_sh = (sharded.model_shardings,) if tx is None else (sharded.model_shardings, sharded.opt_shardings)
+    with shd.activate(mesh, rules):
+        states = jax.jit(lambda: tuple(nnx.state(x) for x in init()), out_shardings=out_sh)()
+    return states if tx is not None else states[0]
+
+
+def load_model(checkpoint_dir: str, *, step: int | None = None, mesh: Mesh | None = None, rules=None):
+    """Restores a trained model for inference onto whatever devices exist (default: all, data-parallel).
+
+    Returns (model, config, step). The config is the one the model was trained with (stored in `meta`).
+    """
+    ckpts = Checkpoints(checkpoint_dir)
+    step = ckpts.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint found in {os.path.abspath(checkpoint_dir)}")
+    config = ml_collections.ConfigDict(ckpts.meta(step)["config"])
+    mesh = mesh if mesh is not None else shd.make_mesh({"data": -1})
+    rules = rules if rules is not None else shd.rules_from_config(config.sharding_rules)
+    sharded = abstract(config.model, mesh, rules, seed=config.seed)
+    restored = ckpts.restore(step, model_state=sharded.model_abstract)
+    ckpts.close()
+    with shd.activate(mesh, rules):
+        model = nnx.merge(sharded.model_def, restored["model"])
+    return model, config, step
