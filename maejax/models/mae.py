@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from maejax.models import losses
+from maejax.models import flops, losses
 from maejax.models.layers import BlockConfig, Dense, layer_norm, param, sincos_2d
 from maejax.models.vit import Transformer, ViT, patchify, unpatchify, vit_config
 
@@ -104,3 +104,18 @@ class MAE(nnx.Module):
 
     def embed(self, images: jax.Array) -> dict[str, jax.Array]:
         return self.encoder.embed(images)
+
+    def flops_per_crop(self, height: int, width: int) -> dict[str, float]:
+        """Training: encoder on the visible tokens + decoder on all, x3 for backward. Inference: encoder on all."""
+        e, p, c = self.enc_cfg, self.enc_cfg.patch, self.enc_cfg.in_channels
+        n = (height // p) * (width // p)
+        n0 = self.encoder.num_prefix
+        keep = max(1, int(n * (1 - self.mask_ratio)))
+        dw = self.decoder_embed.kernel.shape[1]
+        dec_mlp = self.decoder.blocks.mlp.fc1.kernel.shape[-1]
+        embed = flops.dense(n, p * p * c, e.width)
+        encoder_train = flops.transformer(keep + n0, e.width, e.block.mlp_dim, e.depth)
+        decoder = (flops.dense(keep + n0, e.width, dw) + flops.transformer(n + n0, dw, dec_mlp, self.decoder.depth)
+                   + flops.dense(n, dw, p * p * c))
+        infer = embed + flops.transformer(n + n0, e.width, e.block.mlp_dim, e.depth)
+        return {"train": 3 * (embed + encoder_train + decoder), "infer": infer}
