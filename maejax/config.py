@@ -23,6 +23,7 @@ def base() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_ckpts = 3
+    c.peak_tflops = 0.0          # per-device peak for MFU; 0 = look the device kind up in maejax.mfu
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""              # dataset directory (maejax.records.LAYOUT)
@@ -31,6 +32,10 @@ def base() -> ml_collections.ConfigDict:
     c.data.flip = True
     c.data.rot90 = True
     c.data.workers = 0           # grain worker processes per host (0 = in-process)
+    # Input streams the global batch is assembled from; each process reads streams / process_count of them.
+    # 0 = one per process. Fixing it (e.g. to the largest host count you will use) keeps the data order,
+    # and hence the losses, the same whatever the number of processes, and lets a run resume on another.
+    c.data.streams = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mae"
@@ -70,8 +75,11 @@ def base() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
     c.optim.clip_norm = 1.0
+    c.optim.grad_accum_steps = 1  # microbatches per step (lax.scan); the batch is data.batch_size in total
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Axis sizes within a TPU slice / GPU node (one may be -1), and across them (dcn_*: hybrid mesh).
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1,
+                                        "dcn_data": 1, "dcn_fsdp": 1, "dcn_tensor": 1})
     c.sharding_rules = [list(r) for r in DEFAULT_RULES]
 
     c.eval = ml_collections.ConfigDict()
@@ -145,5 +153,4 @@ def check_known(config: ml_collections.ConfigDict, reference: ml_collections.Con
             raise KeyError(f"unknown config key {name!r} (not in maejax.config.base())")
         if isinstance(config[key], ml_collections.ConfigDict) and isinstance(reference[key],
                                                                              ml_collections.ConfigDict):
-            if key != "mesh":
-                check_known(config[key], reference[key], prefix=f"{name}.")
+            check_known(config[key], reference[key], prefix=f"{name}.")

@@ -33,6 +33,10 @@ class ShardedState:
     def opt_shardings(self):
         return jax.tree.map(lambda x: x.sharding, self.opt_abstract)
 
+    def abstract_model(self) -> nnx.Module:
+        """The model with shape-only parameters: enough for `flops_per_crop` and other shape queries."""
+        return nnx.merge(self.model_def, self.model_abstract)
+
 
 def _constructor(model_cfg, seed: int, tx: optax.GradientTransformation | None) -> Callable:
     def init():
@@ -51,6 +55,8 @@ def abstract(model_cfg, mesh: Mesh, rules, *, seed: int = 0,
         built = nnx.eval_shape(init)
         defs_states = [nnx.split(x) for x in built]
         with_sh = [(d, _with_shardings(s, mesh)) for d, s in defs_states]
+    for (_, s), what in zip(with_sh, ("parameter", "optimizer state")):
+        shd.check_divisible(s, mesh, what)
     if tx is None:
         return ShardedState(*with_sh[0])
     return ShardedState(*with_sh[0], *with_sh[1])
