@@ -21,10 +21,13 @@ def schedule(o: Any, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params) -> Any:
-    def leaf_name(path) -> str:
-        last = path[-1]
-        return str(getattr(last, "key", getattr(last, "name", last)))
-    return jax.tree_util.tree_map_with_path(lambda p, _: leaf_name(p) in DECAYED_LEAVES, params)
+    """True for the leaves that get weight decay. Works on plain dicts (what optax hands the mask) and on
+    nnx.State, whose paths end in the Variable's `value`."""
+    def decayed(path, _) -> bool:
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        names = [n for n in names if n != "value"]
+        return names[-1] in DECAYED_LEAVES
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make(o: Any, total_steps: int) -> optax.GradientTransformation:

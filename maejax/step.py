@@ -1,0 +1,167 @@
+"""The train step, jitted once for a mesh: gradients (optionally accumulated over microbatches with
+lax.scan), the optimiser update (global-norm clipping, masked weight decay), a guard that leaves the state
+untouched when the loss or gradient is not finite, and the step's metrics.
+
+Parameters and optimiser state stay float32 (master weights); the model computes in `model.dtype`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from maejax import sharding as shd
+from maejax.state import ShardedState
+
+BATCH_KEYS = {"image": 4, "label": 1}  # what the step reads from a batch, with its rank
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    return {k: shd.batch_sharding(mesh, ndim) for k, ndim in BATCH_KEYS.items()}
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as ShapeDtypeStructs (for ahead-of-time lowering)."""
+    b, c, s = int(config.data.batch_size), int(config.model.in_channels), int(config.data.crop_size)
+    sh = batch_shardings(mesh)
+    return {"image": jax.ShapeDtypeStruct((b, c, s, s), jnp.float32, sharding=sh["image"]),
+            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh["label"])}
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The global batch (and each microbatch) must split evenly over the data-parallel devices and the
+    processes; checked before anything is built."""
+    batch, accum = int(config.data.batch_size), int(config.optim.grad_accum_steps)
+    dp = shd.data_parallel_size(mesh)
+    if accum < 1 or batch % accum:
+        raise ValueError(f"data.batch_size={batch} is not divisible by optim.grad_accum_steps={accum}")
+    if (batch // accum) % dp:
+        micro = f"microbatch {batch // accum} (data.batch_size / optim.grad_accum_steps)" if accum > 1 else \
+            f"data.batch_size={batch}"
+        raise ValueError(f"{micro} is not divisible by the data-parallel size {dp} = data x fsdp of the mesh "
+                         f"{dict(mesh.shape)}")
+    if batch % jax.process_count():
+        raise ValueError(f"data.batch_size={batch} is not divisible by the {jax.process_count()} processes")
+
+
+def split_microbatches(x: jax.Array, steps: int) -> jax.Array:
+    """(B, ...) -> (steps, B/steps, ...) with microbatch j = rows j, j+steps, ...: every device keeps its own
+    rows (a (B/steps, steps) reshape does not cross shard boundaries), so each microbatch stays spread
+    over all data-parallel devices."""
+    x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
+    return shd.constrain(x, None, "act_batch", *([None] * (x.ndim - 2)))
+
+
+def constrain_like_params(tree):
+    """Constrains each nnx.Variable of `tree` (e.g. gradients) to its parameter's logical sharding, so a
+    gradient accumulator is sharded like the parameters instead of whatever XLA picks for a scan carry."""
+    def constrain(v):
+        names = v.get_metadata().get("out_sharding")
+        return v.replace(shd.constrain(v.get_value(), *names)) if names else v
+    return jax.tree.map(constrain, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def loss_and_grads(model: nnx.Module, batch: dict[str, jax.Array], key: jax.Array, steps: int = 1):
+    """Mean loss metrics and gradients w.r.t. the model's nnx.Param over `steps` microbatches.
+
+    Microbatch j draws its randomness from fold_in(key, j); the gradients are summed in float32 (the
+    parameters' dtype) inside a lax.scan, so only one microbatch's activations are alive at a time.
+    """
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(p, b, k):
+        return nnx.merge(graphdef, p, rest).loss(b, k)
+
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if steps == 1:
+        (_, metrics), grads = value_and_grad(params, batch, key)
+        return metrics, grads
+
+    micro = {k: split_microbatches(v, steps) for k, v in batch.items()}
+
+    def body(acc, j):
+        mb = jax.tree.map(lambda x: x[j], micro)
+        (_, metrics), grads = value_and_grad(params, mb, jax.random.fold_in(key, j))
+        acc_metrics, acc_grads = jax.tree.map(jnp.add, acc, (metrics, grads))
+        return (acc_metrics, constrain_like_params(acc_grads)), None
+
+    (_, metrics), grads = jax.eval_shape(value_and_grad, params, jax.tree.map(lambda x: x[0], micro), key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (metrics, grads))
+    zeros = (zeros[0], constrain_like_params(zeros[1]))
+    (metrics, grads), _ = jax.lax.scan(body, zeros, jnp.arange(steps))
+    return jax.tree.map(lambda x: x / steps, (metrics, grads))
+
+
+def make_train_step(sharded: ShardedState, config: ml_collections.ConfigDict,
+                    lr_schedule: optax.Schedule) -> Callable:
+    """(model_state, opt_state, batch, step) -> (model_state, opt_state, metrics). The step's key is
+    fold_in(seed, step), so a resumed run draws the same masks as an uninterrupted one."""
+    base_key = jax.random.key(int(config.seed))
+    accum = int(config.optim.grad_accum_steps)
+
+    def train_step(model_state, opt_state, batch, step):
+        model = nnx.merge(sharded.model_def, model_state)
+        opt = nnx.merge(sharded.opt_def, opt_state)
+        metrics, grads = loss_and_grads(model, batch, jax.random.fold_in(base_key, step), accum)
+        grad_norm = optax.tree.norm(grads)
+        opt.update(model, grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        # A non-finite step leaves the state untouched; the host stops the run when it sees the flag.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(step), finite=finite.astype(jnp.float32))
+        return keep(nnx.state(model), model_state), keep(nnx.state(opt), opt_state), metrics
+
+    return train_step
+
+
+def jit_train_step(sharded: ShardedState, config: ml_collections.ConfigDict, mesh: Mesh, rules,
+                   lr_schedule: optax.Schedule):
+    """The jitted step with explicit in/out shardings; the model and optimiser states are donated."""
+    with shd.activate(mesh, rules):
+        return jax.jit(make_train_step(sharded, config, lr_schedule),
+                       in_shardings=(sharded.model_shardings, sharded.opt_shardings, batch_shardings(mesh), None),
+                       out_shardings=(sharded.model_shardings, sharded.opt_shardings, None),
+                       donate_argnums=(0, 1))
+
+
+STEP_ARG = jax.ShapeDtypeStruct((), jnp.int32)  # the step number, as the compiled step expects it
+
+
+def compile_train_step(p_step, sharded: ShardedState, config: ml_collections.ConfigDict, mesh: Mesh, rules):
+    """Lowers and compiles once for the abstract state and batch (no device memory is touched)."""
+    with shd.activate(mesh, rules):
+        return p_step.lower(sharded.model_abstract, sharded.opt_abstract, abstract_batch(config, mesh),
+                            STEP_ARG).compile()
+
+
+def step_arg(step: int) -> np.ndarray:
+    return np.asarray(step, np.int32)
+
+
+def describe_memory(compiled) -> dict[str, Any]:
+    """Per-device memory of a compiled program (bytes): arguments, outputs, temporaries, their peak.
+
+    Donated arguments alias outputs, so the peak is arguments + temporaries + outputs not aliased.
+    """
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+           "temp": m.temp_size_in_bytes, "alias": m.alias_size_in_bytes,
+           "code": m.generated_code_size_in_bytes}
+    out["peak"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
+    return out
+
+
+def format_memory(mem: dict[str, Any]) -> str:
+    if not mem:
+        return "not reported by this backend"
+    size = lambda k: f"{mem[k] / 2**30:.2f} GiB" if mem["peak"] >= 2**30 else f"{mem[k] / 2**20:.2f} MiB"
+    return (f"peak {size('peak')} = arguments {size('argument')} + temporaries {size('temp')} + outputs "
+            f"{size('output')} - aliased (donated) {size('alias')}")
