@@ -1,27 +1,30 @@
-"""Trainer: one functional loop for every model, on any mesh.
+"""Trainer: one functional loop for every model, on any mesh, one process or many.
 
   python -m maejax.train --config configs/mae_synthetic.py:preset=demo --workdir runs/demo \
       [--config.data.dir=DATASET] [--config.total_steps=2000] [--config.mesh.fsdp=8]
 
-Resumes from the latest checkpoint in `<workdir>/checkpoints` (same data order, same RNG).
+Multi-process jobs are joined from the environment (maejax.distributed; see docs/training.md). Resumes from
+the latest checkpoint in `<workdir>/checkpoints` (same data order, same RNG). SIGTERM (preemption) saves a
+checkpoint at the next step boundary and stops cleanly.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 
-from maejax import optim, sharding as shd, state as state_lib
+from maejax import mfu, optim, sharding as shd, state as state_lib, step as step_lib
 from maejax.checkpoint import Checkpoints
+from maejax.config import check_known
+from maejax.distributed import PreemptionNotice
 from maejax.metrics import MetricWriter
+from maejax.streams import StreamedBatches
 
 
 class NonFiniteError(FloatingPointError):
@@ -29,125 +32,127 @@ class NonFiniteError(FloatingPointError):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
-    """Trains `config` in `workdir`; returns the last logged metrics.
+    """Trains `config` in `workdir`; returns the last logged metrics (plus `preempted_at` after a SIGTERM).
 
     `stop_after` ends the run after that many steps in total (a checkpoint is saved there), as if the
     job had been preempted: tests use it to check that resuming gives the same losses.
     """
-    from maejax import input_pipeline  # deferred: grain is heavy to import and eval jobs do not need it
-
-    os.makedirs(workdir, exist_ok=True)
+    # ----------------------------------------------------------------------------------------------------
+    # Checks that need no compute: config keys, mesh, batch split, parameter shardings
+    # ----------------------------------------------------------------------------------------------------
+    check_known(config)
     total = int(config.total_steps)
-
-    # ----------------------------------------------------------------------------------------------------
-    # Mesh
-    # ----------------------------------------------------------------------------------------------------
     mesh = shd.make_mesh(dict(config.mesh))
     rules = shd.rules_from_config(config.sharding_rules)
-    dp = shd.data_parallel_size(mesh)
+    step_lib.check_batch(config, mesh)
     batch = int(config.data.batch_size)
-    if batch % dp:
-        raise ValueError(f"data.batch_size={batch} is not divisible by the data-parallel size {dp} "
-                         f"(mesh {dict(mesh.shape)})")
-    if batch % jax.process_count():
-        raise ValueError(f"data.batch_size={batch} is not divisible by the {jax.process_count()} processes")
-
-    # ----------------------------------------------------------------------------------------------------
-    # Input pipeline
-    # ----------------------------------------------------------------------------------------------------
-    data_iter = input_pipeline.make_train_iterator(
-        config.data.dir, batch_size=batch, crop_size=config.data.crop_size, seed=config.seed,
-        num_workers=config.data.workers, flip=config.data.flip, rot90=config.data.rot90,
-        num_channels=config.model.in_channels)
-    batch_sh = {"image": shd.batch_sharding(mesh, 4), "label": shd.batch_sharding(mesh, 1)}
-
-    def to_global(b):
-        return {k: jax.make_array_from_process_local_data(s, np.asarray(b[k])) for k, s in batch_sh.items()}
-
-    # ----------------------------------------------------------------------------------------------------
-    # Model and optimiser
-    # ----------------------------------------------------------------------------------------------------
     tx = optim.make(config.optim, total)
     lr_schedule = optim.schedule(config.optim, total)
     sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
+    os.makedirs(workdir, exist_ok=True)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Input pipeline: this process's streams of the global batch
+    # ----------------------------------------------------------------------------------------------------
+    from maejax import input_pipeline  # deferred: grain is heavy to import and eval jobs do not need it
+
+    def make_stream(index: int, count: int):
+        return input_pipeline.make_train_iterator(
+            config.data.dir, batch_size=batch, crop_size=config.data.crop_size, seed=config.seed,
+            num_workers=config.data.workers, flip=config.data.flip, rot90=config.data.rot90,
+            process_index=index, process_count=count, num_channels=config.model.in_channels)
+
+    data_iter = StreamedBatches(make_stream, int(config.data.streams) or jax.process_count(), batch,
+                                jax.process_index(), jax.process_count())
+
+    # From here on a SIGTERM stops the run at the next step boundary, after saving a checkpoint.
+    notice = PreemptionNotice()
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
-    start = ckpts.latest_step() or 0
-    if start:
-        restored = ckpts.restore(start, model_state=sharded.model_abstract, optimizer_state=sharded.opt_abstract,
-                                 data_iter=data_iter)
-        model_state, opt_state = restored["model"], restored["optimizer"]
-        print(f"Resumed from {ckpts.directory} at step {start}", flush=True)
-    else:
-        model_state, opt_state = state_lib.initialize(config.model, mesh, rules, sharded, seed=config.seed, tx=tx)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-    n_params = sum(x.size for x in jax.tree.leaves(sharded.model_abstract))
-    print(f"{config.model.name} {config.model.variant}: {n_params / 1e6:.2f}M parameters on mesh "
-          f"{dict(mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} devices)", flush=True)
-
-    # ----------------------------------------------------------------------------------------------------
-    # Train step
-    # ----------------------------------------------------------------------------------------------------
-    base_key = jax.random.key(config.seed)
-
-    def train_step(model_state, opt_state, batch, step):
-        model = nnx.merge(sharded.model_def, model_state)
-        opt = nnx.merge(sharded.opt_def, opt_state)
-        key = jax.random.fold_in(base_key, step)
-        (loss, metrics), grads = nnx.value_and_grad(lambda m: m.loss(batch, key), has_aux=True)(model)
-        grad_norm = optax.tree.norm(grads)
-        opt.update(model, grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step leaves the state untouched; the host stops the run when it sees the flag.
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        metrics = dict(metrics, grad_norm=grad_norm, lr=lr_schedule(step), finite=finite.astype(jnp.float32))
-        return keep(nnx.state(model), model_state), keep(nnx.state(opt), opt_state), metrics
-
-    with shd.activate(mesh, rules):
-        p_step = jax.jit(train_step,
-                         in_shardings=(sharded.model_shardings, sharded.opt_shardings, batch_sh, None),
-                         out_shardings=(sharded.model_shardings, sharded.opt_shardings, None),
-                         donate_argnums=(0, 1))
-
-    # ----------------------------------------------------------------------------------------------------
-    # Train loop
-    # ----------------------------------------------------------------------------------------------------
     writer = MetricWriter(workdir, total)
-    end = total if stop_after is None else min(total, stop_after)
-    pending: list[dict[str, jax.Array]] = []
-    last: dict[str, Any] = {}
-    t_log, steps_since_log = time.time(), 0
+    try:
+        # ------------------------------------------------------------------------------------------------
+        # Model and optimiser state: restored or initialised in place on the mesh
+        # ------------------------------------------------------------------------------------------------
+        start = ckpts.latest_step() or 0
+        if start:
+            restored = ckpts.restore(start, model_state=sharded.model_abstract,
+                                     optimizer_state=sharded.opt_abstract, data_iter=data_iter)
+            model_state, opt_state = restored["model"], restored["optimizer"]
+            print(f"Resumed from {ckpts.directory} at step {start}", flush=True)
+        else:
+            model_state, opt_state = state_lib.initialize(config.model, mesh, rules, sharded, seed=config.seed,
+                                                          tx=tx)
+            if jax.process_index() == 0:
+                with open(os.path.join(workdir, "config.json"), "w") as f:
+                    f.write(config.to_json(indent=2))
+        n_params = sum(x.size for x in jax.tree.leaves(sharded.model_abstract))
+        print(f"{config.model.name} {config.model.variant}: {n_params / 1e6:.2f}M parameters on mesh "
+              f"{dict(mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} devices, "
+              f"{jax.process_count()} processes, {data_iter.num_streams} input streams)", flush=True)
 
-    def meta(step):
-        return {"step": step, "config": json.loads(config.to_json())}
+        # ------------------------------------------------------------------------------------------------
+        # Train step: compiled once, ahead of the loop, so its memory is known before step 1
+        # ------------------------------------------------------------------------------------------------
+        t0 = time.time()
+        p_step = step_lib.jit_train_step(sharded, config, mesh, rules, lr_schedule)
+        compiled = step_lib.compile_train_step(p_step, sharded, config, mesh, rules)
+        print(f"Compiled the train step in {time.time() - t0:.1f} s; per-device memory: "
+              f"{step_lib.format_memory(step_lib.describe_memory(compiled))}", flush=True)
+        batch, crop = int(config.data.batch_size), int(config.data.crop_size)
+        flops_per_example = sharded.abstract_model().flops_per_crop(crop, crop)["train"]
+        peak = mfu.device_peak(config.peak_tflops)
+        batch_sh = step_lib.batch_shardings(mesh)
 
-    with shd.activate(mesh, rules):
-        for step in range(start, end):
-            b = to_global(next(data_iter))
-            model_state, opt_state, metrics = p_step(model_state, opt_state, b, step)
-            pending.append(metrics)
-            steps_since_log += 1
-            done = step + 1
-            log_now = done % config.log_every == 0 or done == end
-            ckpt_now = done % config.ckpt_every == 0 or done == end
-            if log_now or ckpt_now:
-                rows = jax.device_get(pending)
-                pending = []
-                _check_finite(rows, done - len(rows))
-                dt = time.time() - t_log
-                last = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "finite"}
-                last["lr"] = float(rows[-1]["lr"])
-                last["step_time_s"] = dt / steps_since_log
-                last["examples_per_s"] = batch * steps_since_log / dt
-                writer.write(done, last)
-                writer.progress(done, last)
-                t_log, steps_since_log = time.time(), 0
-            if ckpt_now:
-                ckpts.save(done, model_state=model_state, optimizer_state=opt_state, data_iter=data_iter,
-                           meta=meta(done), force=True)
-    ckpts.close()
-    writer.close()
-    return last
+        def to_global(b):
+            return {k: jax.make_array_from_process_local_data(sh, np.asarray(b[k])) for k, sh in batch_sh.items()}
+
+        # ------------------------------------------------------------------------------------------------
+        # Train loop
+        # ------------------------------------------------------------------------------------------------
+        end = total if stop_after is None else min(total, stop_after)
+        pending: list[dict[str, jax.Array]] = []
+        last: dict[str, Any] = {}
+        t_log, steps_since_log = time.time(), 0
+
+        def flush(done: int) -> dict[str, Any]:
+            """Fetches the pending steps' metrics, stops on a non-finite one, writes their mean."""
+            nonlocal pending, t_log, steps_since_log
+            rows = jax.device_get(pending)
+            pending = []
+            _check_finite(rows, done - len(rows))
+            dt = time.time() - t_log
+            out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "finite"}
+            out["lr"] = float(rows[-1]["lr"])
+            out["step_time_s"] = dt / steps_since_log
+            out.update(mfu.throughput(flops_per_example, batch * steps_since_log, dt, jax.device_count(), peak))
+            writer.write(done, out)
+            writer.progress(done, out)
+            t_log, steps_since_log = time.time(), 0
+            return out
+
+        with shd.activate(mesh, rules):
+            for step in range(start, end):
+                b = to_global(next(data_iter))
+                model_state, opt_state, metrics = compiled(model_state, opt_state, b, step_lib.step_arg(step))
+                pending.append(metrics)
+                steps_since_log += 1
+                done = step + 1
+                preempted = notice.reached(done)
+                ckpt_now = done % config.ckpt_every == 0 or done == end or preempted
+                if ckpt_now or done % config.log_every == 0:
+                    last = flush(done)  # raises NonFiniteError before anything after a bad step is saved
+                if ckpt_now:
+                    ckpts.save(done, model_state=model_state, optimizer_state=opt_state, data_iter=data_iter,
+                               meta={"step": done, "config": json.loads(config.to_json())}, force=True)
+                if preempted:
+                    print(f"Preemption notice: saved the checkpoint of step {done} and stopped", flush=True)
+                    last["preempted_at"] = done
+                    break
+        return last
+    finally:
+        notice.close()
+        ckpts.close()  # waits for an asynchronous save in flight, also when the run stops on an error
+        writer.close()
 
 
 def _check_finite(rows: list[dict[str, np.ndarray]], first_step: int) -> None:
@@ -158,8 +163,31 @@ def _check_finite(rows: list[dict[str, np.ndarray]], first_step: int) -> None:
                 f"grad_norm={float(r['grad_norm'])}); stopped without saving, the last good checkpoint is kept")
 
 
+def check_override_flags(argv: list[str]) -> None:
+    """`--config.a.b=v` flags must name keys of maejax.config.base(); exits with the key and the keys that
+    exist there (config_flags alone fails with a traceback naming only the last part of the key)."""
+    import difflib
+
+    from maejax.config import base
+    for arg in argv[1:]:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].partition("=")[0]
+        node, parts = base(), key.split(".")
+        for i, part in enumerate(parts):
+            if not hasattr(node, "keys") or part not in node:
+                known = sorted(node.keys()) if hasattr(node, "keys") else []
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f"; did you mean {'.'.join(parts[:i] + close)}?" if close else f"; known: {known}"
+                raise SystemExit(f"unknown config key {key!r} in {arg}{hint}")
+            node = node[part]
+
+
 def main(argv) -> None:
     del argv
+    from absl import flags, logging
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     train(_CONFIG.value, _WORKDIR.value)
 
 
@@ -167,6 +195,10 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
+    from maejax import distributed
+
+    check_override_flags(sys.argv)
+    distributed.initialize()  # before anything touches the devices
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (FILE.py[:ARG]).", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.")
     flags.mark_flags_as_required(["config", "workdir"])
