@@ -23,6 +23,7 @@ def base() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.ckpt_every = 500
     c.keep_ckpts = 3
+    c.ckpt_dir = ""              # "" = <workdir>/checkpoints; may be gs://... (orbax writes it directly)
     c.peak_tflops = 0.0          # per-device peak for MFU; 0 = look the device kind up in maejax.mfu
 
     c.data = ml_collections.ConfigDict()

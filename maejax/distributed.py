@@ -5,8 +5,10 @@ touches jax devices; it picks, in order:
 
 - explicit: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES, JAX_PROCESS_ID (any cluster, and the
   local multi-process launcher); optional JAX_LOCAL_DEVICE_IDS=0,1,... (read by jax itself);
-- SLURM: SLURM_JOB_ID with more than one task (jax reads the node list, task ids and, with one task
-  per GPU, the GPU to bind);
+- SLURM: SLURM_JOB_ID with more than one task. jax reads the node list and task ids; the GPUs a process
+  drives are set here, since jax's default (the GPU numbered like the task's local id) is right only for
+  one task per GPU that sees all of the node's GPUs: one task per node drives all its GPUs, a task bound
+  to one GPU (`--gpus-per-task=1`) drives that one;
 - TPU: MAEJAX_DISTRIBUTED=1 (set by launch/tpu_pod.sh on every worker; jax finds the coordinator from
   the TPU metadata), or MEGASCALE_COORDINATOR_ADDRESS (multi-slice);
 - otherwise a single process. MAEJAX_DISTRIBUTED=0 forces that.
@@ -39,10 +41,22 @@ def plan(env: Mapping[str, str]) -> dict | None:
             raise ValueError(f"JAX_PROCESS_ID={i} is not in [0, JAX_NUM_PROCESSES={n})")
         return dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=n, process_id=i)
     if env.get("SLURM_JOB_ID") and int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1:
-        return {}
+        return _slurm_devices(env)
     if env.get("MAEJAX_DISTRIBUTED") == "1" or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return {}
     return None
+
+
+def _slurm_devices(env: Mapping[str, str]) -> dict:
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    gpus = len(visible) or int(env.get("SLURM_GPUS_ON_NODE", "0") or 0)
+    tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    if gpus and tasks == nodes:          # one task per node: all of its GPUs
+        return {"local_device_ids": list(range(gpus))}
+    if len(visible) == 1:                # a task bound to its own GPU sees it as device 0
+        return {"local_device_ids": [0]}
+    return {}                            # one task per GPU, all GPUs visible: jax binds local id -> GPU
 
 
 def initialize(env: Mapping[str, str] | None = None) -> None:

@@ -102,13 +102,13 @@ def make_train_step(sharded: ShardedState, config: ml_collections.ConfigDict,
                     lr_schedule: optax.Schedule) -> Callable:
     """(model_state, opt_state, batch, step) -> (model_state, opt_state, metrics). The step's key is
     fold_in(seed, step), so a resumed run draws the same masks as an uninterrupted one."""
-    base_key = jax.random.key(int(config.seed))
-    accum = int(config.optim.grad_accum_steps)
+    seed, accum = int(config.seed), int(config.optim.grad_accum_steps)
 
     def train_step(model_state, opt_state, batch, step):
         model = nnx.merge(sharded.model_def, model_state)
         opt = nnx.merge(sharded.opt_def, opt_state)
-        metrics, grads = loss_and_grads(model, batch, jax.random.fold_in(base_key, step), accum)
+        key = jax.random.fold_in(jax.random.key(seed), step)  # made while tracing: no eager op on the mesh
+        metrics, grads = loss_and_grads(model, batch, key, accum)
         grad_norm = optax.tree.norm(grads)
         opt.update(model, grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)

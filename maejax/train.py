@@ -27,6 +27,10 @@ from maejax.metrics import MetricWriter
 from maejax.streams import StreamedBatches
 
 
+# Exit status after a preemption notice (EX_TEMPFAIL: try again later), so a job script can requeue itself.
+PREEMPTED_EXIT_CODE = 75
+
+
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient became NaN/Inf; the last good checkpoint is left in place."""
 
@@ -67,7 +71,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 
     # From here on a SIGTERM stops the run at the next step boundary, after saving a checkpoint.
     notice = PreemptionNotice()
-    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+    ckpts = Checkpoints(config.ckpt_dir or os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
     writer = MetricWriter(workdir, total)
     try:
         # ------------------------------------------------------------------------------------------------
@@ -188,7 +192,8 @@ def main(argv) -> None:
     from absl import flags, logging
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-    train(_CONFIG.value, _WORKDIR.value)
+    if "preempted_at" in train(_CONFIG.value, _WORKDIR.value):
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,21 @@ def test_half_specified_explicit_set_up_is_an_error():
         plan({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "4"})
 
 
-def test_slurm_and_tpu_are_detected_by_jax():
-    assert plan({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}) == {}
-    assert plan({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "2"}) == {}
+def test_slurm_one_task_per_node_drives_all_its_gpus():
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_NNODES": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    assert plan(env) == {"local_device_ids": [0, 1, 2, 3, 4, 5, 6, 7]}
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4"}
+    assert plan(env) == {"local_device_ids": [0, 1, 2, 3]}
+
+
+def test_slurm_one_task_per_gpu():
+    bound = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_NNODES": "2", "CUDA_VISIBLE_DEVICES": "5"}
+    assert plan(bound) == {"local_device_ids": [0]}          # --gpus-per-task=1: its GPU is device 0
+    shared = dict(bound, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7")
+    assert plan(shared) == {}                                 # jax binds SLURM_LOCALID's GPU
+    assert plan({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "2"}) == {}  # CPU job
+
+
+def test_tpu_pods_are_detected_by_jax():
     assert plan({"MAEJAX_DISTRIBUTED": "1"}) == {}
     assert plan({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"}) == {}

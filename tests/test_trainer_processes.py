@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from maejax.checkpoint import Checkpoints
+from maejax.train import PREEMPTED_EXIT_CODE
 from tests import tiny_training as tt
 
 STEPS = 10
@@ -39,9 +40,8 @@ def start(setup, name, devices=8, **overrides):
     return workdir, tt.start(workdir, dict(run, **overrides), devices=devices, **env)
 
 
-def finish(proc, workdir, timeout=120):
-    rc = proc.wait(timeout=timeout)
-    assert rc == 0, open(f"{workdir}.log").read()[-3000:]
+def finish(proc, workdir, timeout=120, rc=0):
+    assert proc.wait(timeout=timeout) == rc, open(f"{workdir}.log").read()[-3000:]
 
 
 def steps_saved(workdir):
@@ -75,7 +75,7 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_matches(setup, refer
     workdir, proc = start(setup, "sigterm")
     tt.wait_for(lambda: len(tt.losses(workdir)) >= 3, proc, 120, "step 3", f"{workdir}.log")
     proc.send_signal(signal.SIGTERM)
-    finish(proc, workdir)  # a clean exit, not a kill
+    finish(proc, workdir, rc=PREEMPTED_EXIT_CODE)  # a clean exit, not a kill
     stopped = max(tt.losses(workdir))
     assert 3 <= stopped < STEPS
     assert f"Preemption notice: saved the checkpoint of step {stopped} and stopped" in open(f"{workdir}.log").read()
@@ -143,7 +143,7 @@ def test_two_processes_match_one_and_stop_together_on_a_preemption_notice(setup,
     tt.wait_for(lambda: len(tt.losses(workdir)) >= 3, procs[0], 300, "step 3", f"{workdir}.log")
     procs[1].send_signal(signal.SIGTERM)   # one host is preempted; both must save the same step
     for i, proc in enumerate(procs):
-        finish(proc, f"{workdir}{'-1' * i}")
+        finish(proc, f"{workdir}{'-1' * i}", rc=PREEMPTED_EXIT_CODE)
     stopped = max(tt.losses(workdir))
     assert 3 <= stopped < STEPS
     for log in (f"{workdir}.log", f"{workdir}-1.log"):
