@@ -243,9 +243,10 @@ def decoder_params(dec: dict[str, np.ndarray], dims: dict[str, int], enc_width: 
     for name in ("query_norm", "context_norm", "out_norm"):
         for k, v in norm(f"decoder.{name}").items():
             out[(name, k)] = v
-    out[("cross_attention", "q")] = linear("decoder.cross_attention.q", w, w, bias=False)[0].reshape(w, cross_heads, chd)
-    out[("cross_attention", "kv")] = linear("decoder.cross_attention.kv", w, 2 * w, bias=False)[0].reshape(
-        w, 2, cross_heads, chd)
+    q, _ = linear("decoder.cross_attention.q", w, w, bias=False)
+    kv, _ = linear("decoder.cross_attention.kv", w, 2 * w, bias=False)
+    out[("cross_attention", "q")] = q.reshape(w, cross_heads, chd)
+    out[("cross_attention", "kv")] = kv.reshape(w, 2, cross_heads, chd)
     proj, out[("cross_attention", "out_bias")] = linear("decoder.cross_attention.proj", w, w)
     out[("cross_attention", "out")] = proj.reshape(cross_heads, chd, w)
     for fc, (a, b) in (("fc1", (w, 4 * w)), ("fc2", (4 * w, w))):
@@ -262,7 +263,8 @@ def decoder_params(dec: dict[str, np.ndarray], dims: dict[str, int], enc_width: 
             proj, proj_bias = linear(f"{pre}.attn.proj", w, w)
             fc1, fc1_b = linear(f"{pre}.mlp.fc1", w, 4 * w)
             fc2, fc2_b = linear(f"{pre}.mlp.fc2", 4 * w, w)
-            layer = {("attn", "qkv"): qkv.reshape(w, 3, heads, hd), ("attn", "qkv_bias"): qkv_bias.reshape(3, heads, hd),
+            layer = {("attn", "qkv"): qkv.reshape(w, 3, heads, hd),
+                     ("attn", "qkv_bias"): qkv_bias.reshape(3, heads, hd),
                      ("attn", "out"): proj.reshape(heads, hd, w), ("attn", "out_bias"): proj_bias,
                      ("mlp", "fc1", "kernel"): fc1, ("mlp", "fc1", "bias"): fc1_b,
                      ("mlp", "fc2", "kernel"): fc2, ("mlp", "fc2", "bias"): fc2_b}
@@ -337,8 +339,8 @@ def convert_openphenom(weights: str, out: str, *, in_channels: int = 6, decoder:
     config = openphenom_config(enc_dims, dec_dims, in_channels=in_channels, decoder_heads=decoder_heads,
                                cross_attention_heads=cross_attention_heads, decoder_norm_eps=decoder_norm_eps)
     model = model_from_flat(config.model, flat, weights)
-    meta = {"step": 0, "config": json.loads(config.to_json()),
-            "converted_from": {"format": "openphenom", "file": os.path.abspath(weights), "decoder": dec_dims is not None}}
+    source = {"format": "openphenom", "file": os.path.abspath(weights), "decoder": dec_dims is not None}
+    meta = {"step": 0, "config": json.loads(config.to_json()), "converted_from": source}
     save_converted(out, model, meta)
     return config
 
