@@ -9,6 +9,7 @@ one row per stage, so block-wise probing works as for ViTs).
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -36,7 +37,7 @@ class MUNet(nnx.Module):
 
     def check_size(self, images: jax.Array) -> None:
         b, c, h, w = images.shape
-        step = max(self.patch, 2 ** (len(self.encoder.widths) - 1))
+        step = math.lcm(self.patch, 2 ** (len(self.encoder.widths) - 1))
         if c != self.in_channels or h % step or w % step:
             raise ValueError(f"this MU-Net takes {self.in_channels} channels and sizes divisible by {step}, "
                              f"got images of shape {images.shape}")
