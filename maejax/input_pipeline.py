@@ -133,12 +133,12 @@ def _count_records(shard_path: Path) -> int:
     from array_record.python.array_record_module import ArrayRecordReader
     try:
         reader = ArrayRecordReader(str(shard_path))
-    except Exception as e:  # not an ArrayRecord file at all
-        raise ValueError(f"{shard_path}: cannot open ArrayRecord shard ({e})") from e
-    try:
-        return reader.num_records()
-    finally:
-        reader.close()
+        try:
+            return reader.num_records()
+        finally:
+            reader.close()  # raises on a truncated file
+    except Exception as e:
+        raise ValueError(f"{shard_path}: corrupt ArrayRecord shard ({type(e).__name__}: {e})") from e
 
 
 def _as_dataset(dataset: str | os.PathLike | Dataset) -> Dataset:
@@ -233,7 +233,7 @@ def make_train_iterator(
     ).batch(local_batch, drop_remainder=True)
     if num_workers > 0:
         _allow_grain_workers()
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=4))
     return iter(batches)
 
 
