@@ -121,6 +121,8 @@ COMPARTMENTS = ("dna", "nucleus", "envelope", "cell", "perinuclear", "membrane",
 
 def render_compartments(cells: Cells, num_sites: int, size: int) -> np.ndarray:
     """(num_sites, len(COMPARTMENTS), size, size) float32 maps, cells added into their sites."""
+    if not len(cells.site):
+        return np.zeros((num_sites, len(COMPARTMENTS), size, size), np.float32)
     f = cells.fields
     # Window half-width that holds the whole cell (wobble, off-centre nucleus and soft edge included),
     # rounded up to a multiple of 4 so that cells of similar size are rendered together in one batch.

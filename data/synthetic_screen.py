@@ -392,15 +392,14 @@ def _per_experiment(acq_json: dict[str, list], num_experiments: int) -> list[dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="dataset directory to create")
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     parser.add_argument("--preview", action="store_true", help="also write <out>/preview.png")
     for f in dataclasses.fields(ScreenConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
-                            help=f"override the preset (default {f.default})")
+                            help=f"overrides the preset (ScreenConfig default: {f.default})")
     args = vars(parser.parse_args(argv))
     out, preset, overwrite, preview = (args.pop(k) for k in ("out", "preset", "overwrite", "preview"))
     params = {k: v for k, v in args.items() if v is not None}
