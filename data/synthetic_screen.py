@@ -143,12 +143,16 @@ class Biology:
     def pathways(self) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}
         for k, p in enumerate(self.pathway_of_complex):
-            groups.setdefault(f"PATH{p + 1:02d}", []).append(_complex_name(k))
+            groups.setdefault(_pathway_name(p), []).append(_complex_name(k))
         return dict(sorted(groups.items()))
 
 
 def _complex_name(k: int) -> str:
     return f"CPLX{k + 1:02d}"
+
+
+def _pathway_name(p: int) -> str:
+    return f"PATH{p + 1:02d}"
 
 
 def feature_names(num_channels: int) -> list[str]:
@@ -359,7 +363,7 @@ def generate_screen(out_dir: str | Path, preset: str = "demo", overwrite: bool =
         "control_label": CONTROL_LABEL,
         "phenotype_features": feature_names(cfg.num_channels),
         "genes": {g: {"complex": _complex_name(k) if k >= 0 else None,
-                      "pathway": f"PATH{biology.pathway_of_complex[k] + 1:02d}" if k >= 0 else None,
+                      "pathway": _pathway_name(biology.pathway_of_complex[k]) if k >= 0 else None,
                       "strength": round(float(biology.strength[i]), 6),
                       "latent": np.round(biology.latents[i], 6).tolist(),
                       "phenotype": np.round(biology.phenotypes[i], 6).tolist()}
