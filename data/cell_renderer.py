@@ -125,10 +125,10 @@ def render_compartments(cells: Cells, num_sites: int, size: int) -> np.ndarray:
         return np.zeros((num_sites, len(COMPARTMENTS), size, size), np.float32)
     f = cells.fields
     # Window half-width that holds the whole cell (wobble, off-centre nucleus and soft edge included),
-    # rounded up to a multiple of 4 so that cells of similar size are rendered together in one batch.
+    # rounded up to an even number so that cells of similar size are rendered together in one batch.
     extent = (np.maximum(f["cell_a"], f["cell_b"]) * (1 + f["cell_wobble"].sum(axis=1))
               + np.hypot(f["cell_dx"], f["cell_dy"]) + 2.5)
-    radii = 4 * np.ceil(extent / 4).astype(int)
+    radii = 2 * np.ceil(extent / 2).astype(int)
     ix, iy = np.floor(cells.x).astype(int), np.floor(cells.y).astype(int)
     overhang = np.maximum.reduce([np.zeros_like(ix), -ix, -iy, ix - size, iy - size])
     margin = int((radii + overhang).max()) + 1  # canvas padding that every window fits in

@@ -23,12 +23,16 @@ and ground_truth.json keeps the groups, latents, phenotypes and batch effects.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import functools
 import itertools
 import json
 import math
+import multiprocessing
 import string
 import time
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -302,6 +306,34 @@ def _f32(x) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
+def rendered_chunks(cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites: Sites,
+                    workers: int = 1) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first site, images, cell counts) of every chunk of CHUNK_SITES sites, in order.
+
+    Each chunk draws from its own seeded generator, so rendering in worker processes gives the same output.
+    """
+    render = functools.partial(_render_chunk_at, cfg=cfg, biology=biology, acq=acq, sites=sites)
+    starts = range(0, len(sites), CHUNK_SITES)
+    if workers <= 1:
+        yield from ((start, *render(start)) for start in starts)
+        return
+    # Spawned, not forked: callers may have started jax, which does not survive a fork.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pending = collections.deque()
+        for start in starts:
+            pending.append((start, pool.submit(render, start)))
+            if len(pending) > 2 * workers:  # bounded read-ahead: memory stays flat on big screens
+                first, future = pending.popleft()
+                yield (first, *future.result())
+        for first, future in pending:
+            yield (first, *future.result())
+
+
+def _render_chunk_at(start: int, cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites: Sites):
+    chunk = slice(start, min(start + CHUNK_SITES, len(sites)))
+    return render_chunk(cfg, biology, acq, sites, chunk, np.random.default_rng([cfg.seed, 3, start]))
+
+
 def illumination(size: int, acq: Acquisition, experiment: np.ndarray) -> np.ndarray:
     """(n, S, S) multiplicative illumination field: vignetting times a planar gradient."""
     axis = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1  # -1..1 across the field
@@ -318,8 +350,12 @@ def tile_site(image: np.ndarray, crop_size: int) -> np.ndarray:
     return image.reshape(c, n, crop_size, n, crop_size).transpose(1, 3, 0, 2, 4).reshape(n * n, c, crop_size, crop_size)
 
 
-def generate_screen(out_dir: str | Path, preset: str = "demo", overwrite: bool = False, **params) -> Path:
-    """Builds the synthetic screen dataset at `out_dir` (preset values, overridden by `params`)."""
+def generate_screen(out_dir: str | Path, preset: str = "demo", overwrite: bool = False, workers: int = 1,
+                    **params) -> Path:
+    """Builds the synthetic screen dataset at `out_dir` (preset values, overridden by `params`).
+
+    workers > 1 renders in that many processes; the output does not depend on it.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(ScreenConfig)}
@@ -336,11 +372,8 @@ def generate_screen(out_dir: str | Path, preset: str = "demo", overwrite: bool =
     experiments = [f"SYN-{e + 1:02d}" for e in range(cfg.num_experiments)]
 
     def examples() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-        for start in range(0, len(sites), CHUNK_SITES):
-            chunk = slice(start, min(start + CHUNK_SITES, len(sites)))
-            images, counts = render_chunk(cfg, biology, acq, sites, chunk,
-                                          np.random.default_rng([cfg.seed, 3, start]))
-            for i, s in enumerate(range(chunk.start, chunk.stop)):
+        for start, images, counts in rendered_chunks(cfg, biology, acq, sites, workers):
+            for i, s in enumerate(range(start, start + len(images))):
                 gene = sites.gene[s]
                 for tile, crop in enumerate(tile_site(images[i], cfg.crop_size)):
                     yield crop, {
@@ -401,14 +434,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     parser.add_argument("--preview", action="store_true", help="also write <out>/preview.png")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="render in this many processes (same output, ~N times faster on N free cores)")
     for f in dataclasses.fields(ScreenConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
                             help=f"overrides the preset (ScreenConfig default: {f.default})")
     args = vars(parser.parse_args(argv))
-    out, preset, overwrite, preview = (args.pop(k) for k in ("out", "preset", "overwrite", "preview"))
+    out, preset, overwrite, preview, workers = (
+        args.pop(k) for k in ("out", "preset", "overwrite", "preview", "workers"))
     params = {k: v for k, v in args.items() if v is not None}
     start = time.perf_counter()
-    path = generate_screen(out, preset=preset, overwrite=overwrite, **params)
+    path = generate_screen(out, preset=preset, overwrite=overwrite, workers=workers, **params)
     seconds = time.perf_counter() - start
     manifest = json.loads((path / "manifest.json").read_text())
     n = manifest["num_records"]

@@ -86,6 +86,14 @@ def test_same_seed_gives_identical_records(tmp_path, tiny):
     assert (other / shard_file_names(2)[0]).read_bytes() != (tiny / shard_file_names(2)[0]).read_bytes()
 
 
+def test_worker_processes_give_identical_output(tmp_path, screen):
+    parallel = generate_screen(tmp_path / "parallel", seed=0, workers=2, **BIOLOGY)
+    num_sites = open_dataset(screen).metadata.groupby(["experiment", "plate", "well", "site"]).ngroups
+    assert num_sites > 2 * synthetic_screen.CHUNK_SITES  # several chunks in flight
+    for name in shard_file_names(2) + ["metadata.parquet", "ground_truth.json"]:
+        assert (parallel / name).read_bytes() == (screen / name).read_bytes()
+
+
 def test_images_look_like_fluorescence(tiny):
     images = np.concatenate([b for b, _ in iterate_records(tiny, 64)])
     background = np.percentile(images, 20, axis=(0, 2, 3))
