@@ -18,8 +18,9 @@ from PIL import Image, ImageDraw
 
 from maejax.input_pipeline import Dataset, open_dataset
 
-# rxrx1-utils' colours for Hoechst, ConA, Phalloidin, Syto14, MitoTracker, WGA (our stain order).
-CHANNEL_RGB = np.array([(19, 0, 249), (42, 255, 31), (255, 0, 25), (45, 255, 252), (250, 0, 253), (254, 255, 40)],
+# rxrx1-utils' colours for the matching RxRx1 stains, in our stain order: DNA (Hoechst), ER (ConA),
+# RNA (Syto14), AGP (Phalloidin), Mito (MitoTracker), Golgi (WGA).
+CHANNEL_RGB = np.array([(19, 0, 249), (42, 255, 31), (45, 255, 252), (255, 0, 25), (250, 0, 253), (254, 255, 40)],
                        np.float32) / 255.0
 LABEL_HEIGHT = 14
 

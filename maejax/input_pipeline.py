@@ -198,13 +198,15 @@ def make_train_iterator(
       `jax.make_array_from_process_local_data`).
     Each batch is a dict: `image` float32 (B, C, crop_size, crop_size) self-standardised, `label` int32
     (index into the manifest's `perturbations`), `is_control` bool, `record_id` int64.
+    Augmentation: a random square crop of `crop_size` (a no-op when it equals the record size), then
+    random vertical and horizontal flips (`flip`) and a random number of quarter turns (`rot90`).
     Records are split across processes by record_id (process p takes p, p + P, ...; every process gets
     N // P of them so all yield the same number of batches), then shuffled with `seed`, in a new order
     each epoch; `num_epochs=None` repeats forever, otherwise the stream ends after that many epochs
     (remainder dropped). num_workers > 0 moves reading and augmentation to that many processes
     (`mp_prefetch`); batches are the same for 0 and 1 worker, and a saved state must be restored with
-    the same num_workers. The returned iterator supports `get_state()` / `set_state()` and
-    `grain.checkpoint.CheckpointSave` / `CheckpointRestore`.
+    the same num_workers. read_threads: grain read threads per process. The returned iterator supports
+    `get_state()` / `set_state()` and `grain.checkpoint.CheckpointSave` / `CheckpointRestore`.
     """
     ds = _as_dataset(dataset)
     channels, height, width = ds.crop_shape
@@ -233,7 +235,8 @@ def make_train_iterator(
     ).batch(local_batch, drop_remainder=True)
     if num_workers > 0:
         _allow_grain_workers()
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=4))
+        batches = batches.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=4))
     return iter(batches)
 
 
