@@ -24,6 +24,7 @@ from scipy import ndimage
 
 STAINS = ("DNA", "ER", "RNA", "AGP", "Mito", "Golgi")
 EDGE_PX = 1.2  # width of the soft edge of nuclei and cells
+BLOCK_CELLS = 64  # cells rendered per vectorised batch
 
 
 def stain_names(num_channels: int) -> list[str]:
@@ -133,8 +134,10 @@ def render_compartments(cells: Cells, num_sites: int, size: int) -> np.ndarray:
     overhang = np.maximum.reduce([np.zeros_like(ix), -ix, -iy, ix - size, iy - size])
     margin = int((radii + overhang).max()) + 1  # canvas padding that every window fits in
     canvas = np.zeros((num_sites, len(COMPARTMENTS), size + 2 * margin, size + 2 * margin), np.float32)
-    for radius in np.unique(radii):
-        members = np.flatnonzero(radii == radius)
+    same_size = [np.flatnonzero(radii == r) for r in np.unique(radii)]
+    # Batches of at most BLOCK_CELLS keep the temporaries of the per-pixel maths in cache.
+    for members in (m[i:i + BLOCK_CELLS] for m in same_size for i in range(0, len(m), BLOCK_CELLS)):
+        radius = int(radii[members[0]])
         windows = _cell_windows(cells, members, radius)
         width = 2 * radius + 1
         # Adding window by window is ~3x faster than one np.bincount scatter for these window sizes.
