@@ -32,8 +32,8 @@ import math
 import multiprocessing
 import string
 import time
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ STAIN_BRIGHTNESS = {"DNA": 120.0, "ER": 80.0, "RNA": 120.0, "AGP": 130.0, "Mito"
 
 @dataclasses.dataclass(frozen=True)
 class ScreenConfig:
+    """Every generation parameter (the `demo` preset is these defaults); each is a CLI flag too."""
     name: str = "synthetic"
     seed: int = 0
     # Biology.
