@@ -39,9 +39,9 @@ def base() -> ml_collections.ConfigDict:
     c.data.streams = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "mae"
-    c.model.variant = "S/16"
-    c.model.in_channels = 6
+    c.model.name = "mae"         # mae | ca_mae | munet | supervised (maejax.models.MODELS)
+    c.model.variant = "S/16"     # ViT NAME/PATCH (maejax.models.vit.VARIANTS); MU-Net / CNN: NAME/MASKPATCH
+    c.model.in_channels = 6      # input channels (CA-MAE: channels reconstructed, one decoder each)
     # Explicit overrides of the variant's dimensions (0 = take the variant's).
     c.model.width = 0
     c.model.depth = 0
@@ -51,7 +51,8 @@ def base() -> ml_collections.ConfigDict:
     c.model.qkv_bias = True
     c.model.qk_norm = False
     c.model.layerscale = ml_collections.FieldReference(None, field_type=float)
-    c.model.drop_path = 0.0
+    c.model.drop_path = 0.0          # stochastic depth rate of the last block
+    c.model.drop_path_schedule = "linear"   # linear (timm: 0 -> drop_path over depth) | uniform
     c.model.norm_eps = 1e-6
     c.model.cls_token = True
     c.model.final_norm = "tokens"
@@ -64,8 +65,18 @@ def base() -> ml_collections.ConfigDict:
     c.model.decoder_width = 512
     c.model.decoder_depth = 8
     c.model.decoder_heads = 16
+    c.model.decoder_norm_eps = 0.0  # 0 = norm_eps
     c.model.fourier_weight = 0.01
     c.model.norm_pix_loss = False
+    # Channel-agnostic MAE (ca_mae)
+    c.model.max_channels = 0         # channels the encoder accepts (0 = in_channels); OpenPhenom: 11
+    c.model.channel_embed = False    # learned per-channel embedding (ChannelViT)
+    c.model.channel_sampling = "none"  # none | hierarchical (ChannelViT HCS, per sample)
+    c.model.cross_attention_heads = 8
+    # Supervised baseline and CNN models
+    c.model.num_classes = 0          # supervised: number of perturbation labels (required)
+    c.model.backbone = "vit"         # supervised: vit | cnn
+    c.model.label_smoothing = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"       # adamw | lion

@@ -1,15 +1,19 @@
 """Model registry: `config.model.name` -> class. Every model exposes
-`loss(batch, key) -> (loss, metrics)` for training and `embed(images) -> dict` (with `blocks`, (B, depth, D))
-for evaluation."""
+`loss(batch, key) -> (loss, metrics)` for training, `embed(images, full=False) -> dict` (with `blocks`,
+(B, depth, D), `predict` and `pooled`) for evaluation, and `flops_per_crop(height, width) -> {"train",
+"infer"}` for MFU and the model report."""
 from __future__ import annotations
 
 from typing import Any
 
 from flax import nnx
 
+from maejax.models.ca_mae import CAMAE
 from maejax.models.mae import MAE
+from maejax.models.munet import MUNet
+from maejax.models.supervised import Supervised
 
-MODELS: dict[str, type] = {"mae": MAE}
+MODELS: dict[str, type] = {"mae": MAE, "ca_mae": CAMAE, "munet": MUNet, "supervised": Supervised}
 
 
 def build(model_cfg: Any, rngs: nnx.Rngs) -> nnx.Module:

@@ -5,6 +5,8 @@ norms and softmax in float32. Two block types:
 - `PreLNBlock`: the standard ViT/MAE block (x + attn(LN(x)); x + mlp(LN(x))), optional LayerScale.
 - `ParallelBlock`: ViT-22B / timm `ParallelScalingBlock` as in OpenPhenom: one LN feeding attention (with
   q/k LayerNorm) and the MLP in parallel, x + gamma * (attn + mlp).
+`CrossAttention` (queries from one sequence, keys/values from another) serves the CA-MAE decoder.
+Attention masks are boolean, broadcastable to (B, heads, T_q, T_kv), True where a key may be attended.
 """
 from __future__ import annotations
 
@@ -69,9 +71,12 @@ class Dense(nnx.Module):
         return y
 
 
-def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Stochastic depth: zero the whole residual branch of a random subset of samples."""
-    if rate == 0.0 or key is None:
+def drop_path(x: jax.Array, rate: float | jax.Array, key: jax.Array | None) -> jax.Array:
+    """Stochastic depth: zero the whole residual branch of a random subset of samples.
+
+    `rate` may be traced (a per-layer rate scanned over the stacked blocks).
+    """
+    if key is None or (isinstance(rate, (int, float)) and rate == 0.0):
         return x
     keep = 1.0 - rate
     mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
@@ -106,18 +111,54 @@ class Attention(nnx.Module):
 
     def attend(self, qkv: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """qkv: (B, T, 3, H, hd) -> attention output projected back to (B, T, D)."""
-        dt = self.cfg.dtype
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if self.q_norm is not None:
-            q = self.q_norm(q).astype(dt)
-            k = self.k_norm(k).astype(dt)
-        q = constrain(q, "act_batch", "act_seq", "act_heads", None)
-        a = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.cfg.attention)
-        y = jnp.einsum("bthk,hkd->btd", a, self.out[...].astype(dt))
-        return y + self.out_bias[...].astype(dt)
+        return attend_heads(self, qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask)
 
     def __call__(self, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         return self.attend(self.project_qkv(y), mask)
+
+
+def attend_heads(attn: nnx.Module, q, k, v, mask) -> jax.Array:
+    """q (B, T, H, hd), k/v (B, S, H, hd) -> softmax attention, then the output projection of `attn`
+    (its `out` (H, hd, D) and `out_bias`, optional `q_norm`/`k_norm`) -> (B, T, D)."""
+    dt = attn.cfg.dtype
+    if attn.q_norm is not None:
+        q = attn.q_norm(q).astype(dt)
+        k = attn.k_norm(k).astype(dt)
+    q = constrain(q, "act_batch", "act_seq", "act_heads", None)
+    a = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=attn.cfg.attention)
+    y = jnp.einsum("bthk,hkd->btd", a, attn.out[...].astype(dt))
+    return y + attn.out_bias[...].astype(dt)
+
+
+class CrossAttention(nnx.Module):
+    """Queries from `x`, keys and values from `context` (the CA-MAE decoder's channel-to-all attention).
+
+    Separate q (embed, heads, kv) and fused kv (embed, 2, heads, kv) projections, as in maes_microscopy's
+    `CrossAttention` (q and kv without bias, output projection with bias).
+    """
+
+    def __init__(self, cfg: BlockConfig, *, rngs: nnx.Rngs):
+        d, h, hd = cfg.width, cfg.num_heads, cfg.head_dim
+        if d % h:
+            raise ValueError(f"width {d} is not divisible by num_heads {h}")
+        pd = cfg.param_dtype
+        self.q = param(rngs, _fan_in_out(xavier, d, d), (d, h, hd), ("embed", "heads", "kv"), pd)
+        self.kv = param(rngs, _fan_in_out(xavier, d, 2 * d), (d, 2, h, hd), ("embed", None, "heads", "kv"), pd)
+        self.q_bias = param(rngs, zeros, (h, hd), ("heads", "kv"), pd) if cfg.qkv_bias else None
+        self.kv_bias = param(rngs, zeros, (2, h, hd), (None, "heads", "kv"), pd) if cfg.qkv_bias else None
+        self.out = param(rngs, _fan_in_out(xavier, d, d), (h, hd, d), ("heads", "kv", "embed"), pd)
+        self.out_bias = param(rngs, zeros, (d,), ("norm",), pd)
+        self.q_norm = self.k_norm = None
+        self.cfg = cfg
+
+    def __call__(self, x: jax.Array, context: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        dt = self.cfg.dtype
+        q = jnp.einsum("btd,dhk->bthk", x.astype(dt), self.q[...].astype(dt))
+        kv = jnp.einsum("bsd,dehk->bsehk", context.astype(dt), self.kv[...].astype(dt))
+        if self.q_bias is not None:
+            q = q + self.q_bias[...].astype(dt)
+            kv = kv + self.kv_bias[...].astype(dt)
+        return attend_heads(self, q, kv[:, :, 0], kv[:, :, 1], mask)
 
 
 def _fan_in_out(init, fan_in: int, fan_out: int):
@@ -158,14 +199,16 @@ class PreLNBlock(nnx.Module):
         self.ls2 = LayerScale(cfg.width, ls, cfg.param_dtype) if ls is not None else None
         self.cfg = cfg
 
-    def __call__(self, x, key=None, mask=None):
+    def __call__(self, x, key=None, mask=None, rate=None):
+        """`rate`: this layer's stochastic-depth rate (default `cfg.drop_path`); used only with a `key`."""
+        rate = self.cfg.drop_path if rate is None else rate
         k1, k2 = jax.random.split(key) if key is not None else (None, None)
         a = self.attn(self.norm1(x), mask)
         a = self.ls1(a) if self.ls1 is not None else a
-        x = x + drop_path(a, self.cfg.drop_path, k1).astype(x.dtype)
+        x = x + drop_path(a, rate, k1).astype(x.dtype)
         m = self.mlp(self.norm2(x))
         m = self.ls2(m) if self.ls2 is not None else m
-        x = x + drop_path(m, self.cfg.drop_path, k2).astype(x.dtype)
+        x = x + drop_path(m, rate, k2).astype(x.dtype)
         return constrain(x, "act_batch", "act_seq", "act_embed")
 
 
@@ -181,11 +224,12 @@ class ParallelBlock(nnx.Module):
         self.ls = LayerScale(cfg.width, cfg.layerscale if cfg.layerscale is not None else 1.0, cfg.param_dtype)
         self.cfg = cfg
 
-    def __call__(self, x, key=None, mask=None):
+    def __call__(self, x, key=None, mask=None, rate=None):
+        rate = self.cfg.drop_path if rate is None else rate
         y = self.in_norm(x)
         a = self.attn(y, mask)
         m = self.mlp_out(constrain(jax.nn.gelu(self.mlp_in(y), approximate=False), "act_batch", "act_seq", "act_mlp"))
-        x = x + drop_path(self.ls(a + m), self.cfg.drop_path, key).astype(x.dtype)
+        x = x + drop_path(self.ls(a + m), rate, key).astype(x.dtype)
         return constrain(x, "act_batch", "act_seq", "act_embed")
 
 

@@ -31,10 +31,12 @@ def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def decoder_block_config(m: Any, enc_block: BlockConfig) -> BlockConfig:
+    """Pre-LN decoder blocks (MLP 4x) of `decoder_width`/`decoder_heads`; LN eps `decoder_norm_eps`
+    (0 = the encoder's; OpenPhenom's decoder uses torch's default 1e-5)."""
     width = int(m.get("decoder_width", 512))
     return BlockConfig(width=width, mlp_dim=4 * width, num_heads=int(m.get("decoder_heads", 16)),
-                       block="pre_ln", qkv_bias=True, norm_eps=enc_block.norm_eps, dtype=enc_block.dtype,
-                       param_dtype=enc_block.param_dtype, attention=enc_block.attention)
+                       block="pre_ln", qkv_bias=True, norm_eps=float(m.get("decoder_norm_eps") or enc_block.norm_eps),
+                       dtype=enc_block.dtype, param_dtype=enc_block.param_dtype, attention=enc_block.attention)
 
 
 class MAE(nnx.Module):
@@ -88,22 +90,13 @@ class MAE(nnx.Module):
     def loss(self, batch: dict[str, jax.Array], key: jax.Array):
         images = batch["image"]
         pred, target, mask = self(images, key)
-        mse = losses.masked_mse(pred, target, mask)
-        metrics = {"mse": mse}
-        loss = mse
-        if self.fourier_weight:
-            p, c = self.enc_cfg.patch, images.shape[1]
-            grid = (images.shape[2] // p, images.shape[3] // p)
-            # Visible patches are given, masked ones predicted: the spectrum term only trains reconstruction.
-            composite = jnp.where(mask[..., None] > 0, pred.astype(jnp.float32), target)
-            ft = losses.fourier_l1(unpatchify(composite, p, c, grid), unpatchify(target, p, c, grid))
-            loss = (1 - self.fourier_weight) * mse + self.fourier_weight * ft
-            metrics["fourier"] = ft
-        metrics["loss"] = loss
-        return loss, metrics
+        p, c = self.enc_cfg.patch, images.shape[1]
+        grid = (images.shape[2] // p, images.shape[3] // p)
+        return losses.reconstruction_loss(pred, target, mask, lambda x: unpatchify(x, p, c, grid),
+                                          self.fourier_weight)
 
-    def embed(self, images: jax.Array) -> dict[str, jax.Array]:
-        return self.encoder.embed(images)
+    def embed(self, images: jax.Array, *, full: bool = False) -> dict[str, jax.Array]:
+        return self.encoder.embed(images, full=full)
 
     def flops_per_crop(self, height: int, width: int) -> dict[str, float]:
         """Training: encoder on the visible tokens + decoder on all, x3 for backward. Inference: encoder on all."""
@@ -114,8 +107,7 @@ class MAE(nnx.Module):
         dw = self.decoder_embed.kernel.shape[1]
         dec_mlp = self.decoder.blocks.mlp.fc1.kernel.shape[-1]
         embed = flops.dense(n, p * p * c, e.width)
-        encoder_train = flops.transformer(keep + n0, e.width, e.block.mlp_dim, e.depth)
         decoder = (flops.dense(keep + n0, e.width, dw) + flops.transformer(n + n0, dw, dec_mlp, self.decoder.depth)
-                   + flops.dense(n, dw, p * p * c))
-        infer = embed + flops.transformer(n + n0, e.width, e.block.mlp_dim, e.depth)
-        return {"train": 3 * (embed + encoder_train + decoder), "infer": infer}
+                   + flops.dense(n + n0, dw, p * p * c))
+        return {"train": 3 * (embed + self.encoder.forward_flops(keep) + decoder),
+                "infer": embed + self.encoder.forward_flops(n)}

@@ -11,8 +11,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from maejax.models import flops
 from maejax.models.layers import BLOCKS, BlockConfig, Dense, layer_norm, param, sincos_2d
 from maejax.sharding import constrain
 
@@ -57,6 +59,7 @@ class ViTConfig:
     final_norm: str = "tokens"   # "tokens": LN on every token (MAE); "pooled": LN after mean-pooling (timm avg)
     scan_layers: bool = True
     remat: str = "none"
+    drop_path_schedule: str = "linear"
 
     @property
     def width(self) -> int:
@@ -82,14 +85,26 @@ def vit_config(m: Any, in_channels: int) -> ViTConfig:
         param_dtype=jnp.dtype(get("param_dtype", "float32")), attention=get("attention", None))
     return ViTConfig(block=block, depth=dims["depth"], patch=dims["patch"], in_channels=in_channels,
                      cls_token=get("cls_token", True), final_norm=get("final_norm", "tokens"),
-                     scan_layers=get("scan_layers", True), remat=get("remat", "none"))
+                     scan_layers=get("scan_layers", True), remat=get("remat", "none"),
+                     drop_path_schedule=get("drop_path_schedule", "linear"))
+
+
+DROP_PATH_SCHEDULES = ("linear", "uniform")
 
 
 class Transformer(nnx.Module):
-    """`depth` blocks with parameters stacked on a leading "layers" axis."""
+    """`depth` blocks with parameters stacked on a leading "layers" axis.
 
-    def __init__(self, cfg: BlockConfig, depth: int, *, rngs: nnx.Rngs, scan_layers=True, remat="none"):
+    Stochastic depth: `cfg.drop_path` is the rate of the last block; with the "linear" schedule (timm's
+    `drop_path_rate`, used by MAE and OpenPhenom) block i gets `rate * i / (depth - 1)`, with "uniform"
+    every block gets `rate`.
+    """
+
+    def __init__(self, cfg: BlockConfig, depth: int, *, rngs: nnx.Rngs, scan_layers=True, remat="none",
+                 drop_path_schedule: str = "linear"):
         block_cls = BLOCKS[cfg.block]
+        if drop_path_schedule not in DROP_PATH_SCHEDULES:
+            raise ValueError(f"drop_path_schedule={drop_path_schedule!r}: choose one of {DROP_PATH_SCHEDULES}")
 
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -101,37 +116,45 @@ class Transformer(nnx.Module):
         self.scan_layers = scan_layers
         self.remat = remat
         self.drop_path = cfg.drop_path
+        self.drop_path_schedule = drop_path_schedule
+
+    def drop_path_rates(self) -> np.ndarray:
+        if self.drop_path_schedule == "uniform" or self.depth == 1:
+            return np.full((self.depth,), self.drop_path, np.float32)
+        return np.linspace(0.0, self.drop_path, self.depth, dtype=np.float32)
 
     def __call__(self, x, *, key=None, mask=None, pool=None):
-        """Runs every block. `pool(x) -> y` (optional) is applied to each block's output and stacked.
+        """Runs every block. `pool(x) -> pytree` (optional) is applied to each block's output and stacked.
 
-        Returns (x, per_block) where per_block has a leading depth axis (None when pool is None).
+        `mask`: boolean attention mask broadcastable to (B, heads, T, T). Returns (x, per_block) where
+        per_block has a leading depth axis on every leaf (None when pool is None).
         """
-        keys = (jax.random.split(key, self.depth) if key is not None and self.drop_path > 0
-                else None)
+        train = key is not None and self.drop_path > 0
+        keys = jax.random.split(key, self.depth) if train else None
+        rates = jnp.asarray(self.drop_path_rates()) if train else None
 
-        def step(x, block, k):
-            x = block(x, key=k, mask=mask)
+        def step(x, block, k, r):
+            x = block(x, key=k, mask=mask, rate=r)
             return x, (pool(x) if pool is not None else None)
 
-        policy = REMAT_POLICIES[self.remat]
         if self.remat != "none":
-            step = nnx.remat(step, policy=policy, prevent_cse=not self.scan_layers)
+            step = nnx.remat(step, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
 
         if self.scan_layers:
-            if keys is None:
-                body = nnx.scan(lambda x, b: step(x, b, None), in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+            if not train:
+                body = nnx.scan(lambda x, b: step(x, b, None, None), in_axes=(nnx.Carry, 0),
+                                out_axes=(nnx.Carry, 0))
                 return body(x, self.blocks)
-            body = nnx.scan(step, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-            return body(x, self.blocks, keys)
+            body = nnx.scan(step, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+            return body(x, self.blocks, keys, rates)
 
         graphdef, state = nnx.split(self.blocks)
         outs = []
         for i in range(self.depth):
             block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
-            x, o = step(x, block, None if keys is None else keys[i])
+            x, o = step(x, block, None if keys is None else keys[i], None if rates is None else rates[i])
             outs.append(o)
-        return x, (jnp.stack(outs) if pool is not None else None)
+        return x, (jax.tree.map(lambda *a: jnp.stack(a), *outs) if pool is not None else None)
 
 
 def patchify(images: jax.Array, p: int) -> jax.Array:
@@ -168,6 +191,14 @@ class PatchEmbed(nnx.Module):
         return x + jnp.asarray(sincos_2d(gh, gw, x.shape[-1]), x.dtype)
 
 
+def attention_mask(valid: jax.Array | None, num_prefix: int) -> jax.Array | None:
+    """Key-padding mask (B, 1, 1, n0 + N) from patch-token validity (B, N); prefix tokens are always valid."""
+    if valid is None:
+        return None
+    prefix = jnp.ones((valid.shape[0], num_prefix), bool)
+    return jnp.concatenate([prefix, valid.astype(bool)], axis=1)[:, None, None, :]
+
+
 class ViT(nnx.Module):
     """Encoder. `patch_embed(images) -> (B, N, D)` tokens with positions; blocks; optional final norm."""
 
@@ -178,34 +209,53 @@ class ViT(nnx.Module):
         self.cls = (param(rngs, nnx.initializers.normal(0.02), (1, 1, d), (None, None, "norm"), pd)
                     if cfg.cls_token else None)
         self.transformer = Transformer(cfg.block, cfg.depth, rngs=rngs, scan_layers=cfg.scan_layers,
-                                       remat=cfg.remat)
+                                       remat=cfg.remat, drop_path_schedule=cfg.drop_path_schedule)
         self.norm = layer_norm(d, cfg.block.norm_eps, rngs, pd)
 
     @property
     def num_prefix(self) -> int:
         return 1 if self.cfg.cls_token else 0
 
-    def encode(self, tokens: jax.Array, *, key=None, mask=None, pool=None):
-        """tokens (B, N, D) (positions already added) -> (final tokens incl. cls, per-block pooled)."""
+    def encode(self, tokens: jax.Array, *, key=None, valid: jax.Array | None = None, pool=None):
+        """tokens (B, N, D) (positions already added) -> (final tokens incl. cls, per-block pooled).
+
+        `valid` (B, N) bool marks real tokens; the others (padding) are never attended to.
+        """
         tokens = tokens.astype(self.cfg.block.dtype)
         if self.cls is not None:
             cls = jnp.broadcast_to(self.cls[...].astype(tokens.dtype), (tokens.shape[0], 1, tokens.shape[2]))
             tokens = jnp.concatenate([cls, tokens], axis=1)
         tokens = constrain(tokens, "act_batch", "act_seq", "act_embed")
-        return self.transformer(tokens, key=key, mask=mask, pool=pool)
+        return self.transformer(tokens, key=key, mask=attention_mask(valid, self.num_prefix), pool=pool)
 
     def head_input(self, x: jax.Array) -> jax.Array:
         """Encoder output handed to a decoder: final LN on tokens (MAE) or the raw stream (timm avg-pool)."""
         return self.norm(x) if self.cfg.final_norm == "tokens" else x
 
-    def embed(self, images: jax.Array, *, token_weights: jax.Array | None = None) -> dict[str, jax.Array]:
+    def forward_flops(self, num_tokens: int) -> float:
+        """Matmul FLOPs of the blocks on `num_tokens` patch tokens (+ the prefix), one crop."""
+        b = self.cfg.block
+        return flops.transformer(num_tokens + self.num_prefix, b.width, b.mlp_dim, self.cfg.depth)
+
+    def embed(self, images: jax.Array, *, token_weights: jax.Array | None = None, full: bool = False,
+              key: jax.Array | None = None) -> dict[str, jax.Array]:
         """Features of unmasked images from one forward pass.
 
         blocks:  (B, depth, D) mean of patch tokens (cls excluded, no norm) after each block
         predict: (B, D) the last of those (OpenPhenom `predict`)
         pooled:  (B, D) the normalised pooled feature (final LN on tokens then mean, or LN after the mean)
         cls:     (B, D) the class token after the last block (when the model has one)
+        tokens:  (B, depth, n0 + N, D) every block's full output, cls first (only with `full=True`)
         `token_weights` (B, N) restricts the means to some patch tokens (e.g. padding masked out).
+        `key` turns on stochastic depth (a supervised model training through its features).
+        """
+        return self.embed_tokens(self.patch_embed(images), token_weights=token_weights, full=full, key=key)[0]
+
+    def embed_tokens(self, tokens: jax.Array, *, token_weights: jax.Array | None = None,
+                     valid: jax.Array | None = None, full: bool = False, key: jax.Array | None = None):
+        """`embed` on already-embedded tokens (B, N, D); `valid` (B, N) also masks padding out of attention.
+
+        Returns (features dict, final token stream (B, n0 + N, D)).
         """
         n0 = self.num_prefix
 
@@ -216,12 +266,17 @@ class ViT(nnx.Module):
             w = token_weights.astype(jnp.float32)[..., None]
             return (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
 
-        x, per_block = self.encode(self.patch_embed(images), pool=mean)
-        out = {"blocks": jnp.swapaxes(per_block, 0, 1), "predict": per_block[-1]}
+        # The full token tensors are stacked only when asked for: the default path stores (B, D) per block.
+        pool = (lambda x: (mean(x), x.astype(jnp.float32))) if full else mean
+        x, per_block = self.encode(tokens, key=key, valid=valid, pool=pool)
+        pooled_blocks = per_block[0] if full else per_block
+        out = {"blocks": jnp.swapaxes(pooled_blocks, 0, 1), "predict": pooled_blocks[-1]}
+        if full:
+            out["tokens"] = jnp.swapaxes(per_block[1], 0, 1)
         if self.cfg.final_norm == "tokens":
             out["pooled"] = mean(self.norm(x))
         else:
-            out["pooled"] = self.norm(per_block[-1])
+            out["pooled"] = self.norm(pooled_blocks[-1])
         if self.cls is not None:
             out["cls"] = x[:, 0].astype(jnp.float32)
-        return out
+        return out, x

@@ -1,0 +1,55 @@
+"""Steady-state throughput of the training input pipeline, in-process versus worker processes.
+
+    python -m data.synthetic_screen --out /tmp/bench10k --preset bench10k
+    python -m benchmarks.input_pipeline_throughput --dataset /tmp/bench10k --workers 0,1
+
+Prints, per worker count, the time to the first batch and the steady-state batches/s and crops/s
+(after `--warmup` batches), with the ratio to the first listed worker count (the baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from maejax.input_pipeline import make_train_iterator, open_dataset
+
+
+def measure(dataset, workers: int, batch_size: int, crop_size: int, warmup: int, batches: int) -> dict[str, float]:
+    iterator = make_train_iterator(dataset, batch_size=batch_size, crop_size=crop_size, seed=0,
+                                   num_workers=workers, process_index=0, process_count=1)
+    start = time.perf_counter()
+    next(iterator)
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    rate = batches / (time.perf_counter() - start)
+    iterator.close()
+    return {"first_batch_s": first, "batches_per_s": rate, "crops_per_s": rate * batch_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--workers", default="0,1", help="comma-separated worker counts; the first is the baseline")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--crop-size", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--batches", type=int, default=100)
+    args = parser.parse_args()
+    dataset = open_dataset(args.dataset)
+    print(f"{args.dataset}: {len(dataset)} records {dataset.crop_shape}, batch {args.batch_size}, "
+          f"crop {args.crop_size}, {args.batches} batches after {args.warmup} warm-up")
+    print(f"{'workers':>7} {'first batch s':>13} {'batches/s':>10} {'crops/s':>9} {'ratio':>6}")
+    baseline = None
+    for workers in (int(w) for w in args.workers.split(",")):
+        result = measure(dataset, workers, args.batch_size, args.crop_size, args.warmup, args.batches)
+        baseline = baseline or result["batches_per_s"]
+        print(f"{workers:>7} {result['first_batch_s']:>13.2f} {result['batches_per_s']:>10.1f} "
+              f"{result['crops_per_s']:>9.0f} {result['batches_per_s'] / baseline:>6.2f}")
+
+
+if __name__ == "__main__":  # grain worker processes are spawned: keep the entry point guarded
+    main()

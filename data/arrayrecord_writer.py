@@ -1,0 +1,231 @@
+"""Writes a dataset directory of crop records: the one output format of every dataset builder.
+
+A builder (synthetic screen, RxRx1, JUMP, ...) hands `write_dataset` an iterator of
+(uint8 image (C, H, W), metadata dict) and gets a directory laid out as `maejax.records.LAYOUT`:
+
+    crops-00000-of-00008.array_record ...  ArrayRecord shards (group_size:1: random access is one read)
+    metadata.parquet                        one row per record, in record_id order
+    manifest.json                           what a reader needs: channels, shape, shards, labels, counts
+    annotations/<Source>.txt                ground-truth gene pairs, EFAAR's `entity1,entity2` CSV
+
+Records are dealt round-robin over the shards (record k of the iterator goes to shard k % num_shards),
+so shards are balanced and a builder can stream without knowing the total count. `record_id` is the
+position in the concatenation of the shards in order, i.e. the index into an ArrayRecordDataSource
+opened over the shard list; it is assigned when the directory is finalised.
+
+The directory is assembled under a temporary name and renamed at the end, so a reader never sees a
+half-written dataset.
+"""
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from maejax import records
+from maejax.records import LAYOUT
+
+FORMAT_VERSION = 1
+WRITER_OPTIONS = "group_size:1"
+_SCALAR_TYPES = (str, int, float, bool, np.generic)
+
+
+def shard_file_names(num_shards: int) -> list[str]:
+    return [LAYOUT.shard_pattern.format(index=i, count=num_shards) for i in range(num_shards)]
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    examples: Iterable[tuple[np.ndarray, Mapping[str, Any]]],
+    *,
+    name: str,
+    source: str,
+    channels: list[str],
+    num_shards: int = 8,
+    annotations: Mapping[str, Iterable[tuple[str, str]]] | None = None,
+    params: Mapping[str, Any] | None = None,
+    manifest_extra: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes `examples` as a dataset directory at `out_dir` and returns its path.
+
+    examples: (image uint8 (C, H, W), meta) pairs; meta holds `records.REQUIRED_FIELDS` (`channels`
+      may be left out: it is filled from `channels`) plus optional scalar extras, which become
+      metadata columns. All images must share one shape.
+    name, source: recorded in the manifest (e.g. "synthetic-demo", "data.synthetic_screen").
+    annotations: {source name: (gene, gene) pairs}, written as `annotations/<source name>.txt`.
+    params: the builder's generation parameters (seed included), recorded in the manifest.
+    manifest_extra: more manifest keys a reader needs (e.g. the site tiling).
+    extra_files: {relative path: content} side files written into the directory.
+    overwrite: replace an existing dataset at `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    _check_writable(out_dir, overwrite)
+    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir(parents=True)
+    try:
+        shard_names = shard_file_names(num_shards)
+        rows, shape = _write_shards(tmp_dir, shard_names, examples, list(channels))
+        metadata = _metadata_table(rows, num_shards)
+        perturbations, controls = _label_vocabulary(metadata)
+        metadata["label"] = np.searchsorted(perturbations, metadata["perturbation"]).astype(np.int32)
+        metadata.to_parquet(tmp_dir / LAYOUT.metadata, index=False)
+        annotation_files = _write_annotations(tmp_dir, annotations or {})
+        for rel_path, content in (extra_files or {}).items():
+            path = tmp_dir / rel_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        shard_sizes = np.bincount(metadata["shard"], minlength=num_shards)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "source": source,
+            "created_by": _version_info(),
+            "channels": list(channels),
+            "crop_shape": list(shape),
+            "num_records": len(metadata),
+            "shards": [{"file": f, "num_records": int(n)} for f, n in zip(shard_names, shard_sizes)],
+            "perturbations": perturbations,
+            "controls": controls,
+            "experiments": _experiment_counts(metadata),
+            "annotations": annotation_files,
+            "params": dict(params or {}),
+            **dict(manifest_extra or {}),
+        }
+        (tmp_dir / LAYOUT.manifest).write_text(json.dumps(manifest, indent=1) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _check_writable(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"{out_dir} is not empty; pass overwrite=True to replace it")
+    if not (out_dir / LAYOUT.manifest).exists():
+        # Only ever replace a dataset: a typo in --out must not wipe someone's directory.
+        raise ValueError(f"{out_dir} is not empty and holds no {LAYOUT.manifest}; refusing to replace it")
+
+
+def _write_shards(tmp_dir: Path, shard_names: list[str], examples, channels: list[str]):
+    writers = [ArrayRecordWriter(str(tmp_dir / f), WRITER_OPTIONS) for f in shard_names]
+    counts = [0] * len(writers)
+    rows, shape = [], None
+    try:
+        for k, (image, meta) in enumerate(examples):
+            where = f"example {k} ({_describe(meta)})"
+            image = np.asarray(image)
+            if shape is None:
+                shape = image.shape
+            if image.shape != shape:
+                raise ValueError(f"{where}: image shape {image.shape} differs from the first image's {shape}")
+            meta = dict(meta)
+            if list(meta.setdefault("channels", channels)) != channels:
+                raise ValueError(f"{where}: channels {list(meta['channels'])} differ from {channels}")
+            row = {key: value for key, value in meta.items() if key != "channels"}
+            for key, value in row.items():
+                if not isinstance(value, _SCALAR_TYPES):
+                    raise ValueError(f"{where}: metadata {key!r}={value!r} is not a scalar")
+            try:
+                data = records.encode(image, meta)
+            except records.RecordError as e:
+                raise records.RecordError(f"{where}: {e}") from e
+            shard = k % len(writers)
+            writers[shard].write(data)
+            rows.append({"shard": shard, "index": counts[shard], **row})
+            counts[shard] += 1
+    finally:
+        for w in writers:
+            w.close()
+    if not rows:
+        raise ValueError("no examples to write")
+    return rows, shape
+
+
+def _metadata_table(rows: list[dict], num_shards: int) -> pd.DataFrame:
+    meta = pd.DataFrame(rows)
+    meta = meta.sort_values(["shard", "index"], kind="stable").reset_index(drop=True)
+    meta.insert(0, "record_id", np.arange(len(meta), dtype=np.int64))
+    for key in ("shard", "index", "site", "tile"):
+        meta[key] = meta[key].astype(np.int64)
+    meta["is_control"] = meta["is_control"].astype(bool)
+    return meta
+
+
+def _label_vocabulary(metadata: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Sorted perturbation list (labels index into it) and the control labels, checked consistent."""
+    flags = metadata.groupby("perturbation")["is_control"].agg(["min", "max"])
+    mixed = flags.index[flags["min"] != flags["max"]].tolist()
+    if mixed:
+        raise ValueError(f"perturbations {mixed} are marked is_control on some records and not on others")
+    perturbations = sorted(flags.index.tolist())
+    controls = sorted(flags.index[flags["max"]].tolist())
+    return perturbations, controls
+
+
+def _experiment_counts(metadata: pd.DataFrame) -> dict[str, dict[str, int]]:
+    counts = {}
+    for experiment, group in metadata.groupby("experiment", sort=True):
+        counts[str(experiment)] = {
+            "records": len(group),
+            "plates": group["plate"].nunique(),
+            "wells": len(group.groupby(["plate", "well"])),
+            "control_records": int(group["is_control"].sum()),
+        }
+    return counts
+
+
+def _write_annotations(tmp_dir: Path, annotations: Mapping[str, Iterable[tuple[str, str]]]) -> list[str]:
+    files = []
+    for source_name, pairs in sorted(annotations.items()):
+        table = pd.DataFrame(list(pairs), columns=["entity1", "entity2"])
+        path = tmp_dir / LAYOUT.annotations / f"{source_name}.txt"
+        path.parent.mkdir(exist_ok=True)
+        table.to_csv(path, index=False)
+        files.append(f"{LAYOUT.annotations}/{path.name}")
+    return files
+
+
+def _version_info() -> dict[str, str | None]:
+    info: dict[str, str | None] = {"python": platform.python_version()}
+    for package in ("numpy", "array-record", "msgpack"):
+        info[package] = importlib.metadata.version(package)
+    info["maejax_commit"] = _git_commit()
+    return info
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _describe(meta: Mapping[str, Any]) -> str:
+    keys = ("experiment", "plate", "well", "site", "tile")
+    return " ".join(f"{k}={meta[k]}" for k in keys if k in meta)

@@ -1,0 +1,411 @@
+"""Import released weights as maejax checkpoints.
+
+  python -m maejax.convert openphenom --weights model.safetensors --out runs/openphenom
+
+OpenPhenom / maes_microscopy (CA-MAE, timm `ParallelScalingBlock`) -> a `ca_mae` model with parallel
+blocks, written as a normal checkpoint directory (orbax, step 0, its config in `meta` and in
+`config.json`) that `maejax.state.load_model(DIR)` restores and `eval.embed_arrays` embeds with.
+
+The file format is decided from the first bytes, never the name (maes_microscopy's `save_pretrained`
+writes a torch zip pickle into `model.safetensors`): `PK\\x03\\x04` is a torch zip pickle holding
+`{"state_dict": ...}` (read with `torch.load(weights_only=True)`, torch being optional); an 8-byte
+little-endian length followed by `{` is safetensors. Keys may carry the full-model prefix `encoder.` or
+not. Width, depth, heads (from the q_norm size = head dim), MLP width, patch size, the maximum channel count
+and the tokens per channel (from the period of the stored sin-cos table) are read off the tensors, so the
+real ViT-S/16 and smaller models of the same layout convert alike. When the file also holds the
+CAMAEDecoder (`decoder.*`, `encoder_decoder_proj.*`, `decoder_pred.*`), it is converted too; its head
+counts and LayerNorm eps cannot be read off the tensors and are options (defaults: OpenPhenom's).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from maejax import config as config_lib, models
+from maejax.checkpoint import Checkpoints
+from maejax.models.layers import sincos_2d
+from maejax.models.vit import VARIANTS
+
+TORCH_ZIP_MAGIC = b"PK\x03\x04"
+ENCODER_PREFIXES = ("encoder.vit_backbone.", "vit_backbone.")
+DECODER_PREFIXES = ("decoder.", "encoder_decoder_proj.", "decoder_pred.")
+OPENPHENOM_LAYERSCALE_INIT = 1e-4    # timm init_values of the OpenPhenom encoder (only an initial value)
+
+
+class ConversionError(ValueError):
+    """A weights file that is not the expected layout; the message names the file and the tensor."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------
+
+def sniff_format(path: str) -> str:
+    """"torch" or "safetensors", from the file's first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == TORCH_ZIP_MAGIC:
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    raise ConversionError(f"{path}: neither a torch zip pickle (starts with PK\\x03\\x04) nor safetensors "
+                          f"(8-byte header length, then '{{'); it starts with {head!r}")
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a torch zip pickle (optionally wrapped in {"state_dict": ...}) or safetensors file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    fmt = sniff_format(path)
+    if fmt == "safetensors":
+        from safetensors.numpy import load_file
+        return dict(load_file(path))
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path} is a torch zip pickle; reading it needs PyTorch, an optional dependency of "
+                          "maejax (pip install torch). Files in safetensors format need no torch.") from e
+    # An open file, not the path: torch.load dispatches `*.safetensors` paths to safetensors by their name.
+    with open(path, "rb") as f:
+        obj = torch.load(f, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConversionError(f"{path}: expected a state dict (or {{'state_dict': ...}}), got {type(obj).__name__}")
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).numpy()
+            for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def split_state_dict(sd: dict[str, np.ndarray], where: str) -> tuple[dict, dict]:
+    """-> (encoder tensors without prefix, decoder tensors with their full-model names)."""
+    encoder, decoder, other = {}, {}, []
+    for key, value in sd.items():
+        enc = next((p for p in ENCODER_PREFIXES if key.startswith(p)), None)
+        if enc is not None:
+            encoder[key[len(enc):]] = value
+        elif key.startswith(DECODER_PREFIXES):
+            decoder[key] = value
+        else:
+            other.append(key)
+    if other:
+        raise ConversionError(f"{where}: tensors outside an OpenPhenom MAE layout: {sorted(other)[:8]}")
+    if not encoder:
+        raise ConversionError(f"{where}: no encoder tensors (keys starting with {ENCODER_PREFIXES})")
+    return encoder, decoder
+
+
+# --------------------------------------------------------------------------------------------------------
+# Layout inference
+# --------------------------------------------------------------------------------------------------------
+
+def _take(sd: dict[str, np.ndarray], key: str, where: str, shape: tuple | None = None) -> np.ndarray:
+    if key not in sd:
+        raise ConversionError(f"{where}: tensor {key!r} is missing")
+    value = np.asarray(sd[key], np.float32)
+    if shape is not None and value.shape != tuple(shape):
+        raise ConversionError(f"{where}: tensor {key!r} has shape {value.shape}, expected {tuple(shape)}")
+    return value
+
+
+def _indices(sd: dict, pattern: str) -> list[int]:
+    found = sorted({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})
+    if found != list(range(len(found))):
+        raise ConversionError(f"non-contiguous indices {found} for {pattern!r}")
+    return found
+
+
+def tokens_per_channel(pos: np.ndarray, width: int, where: str) -> tuple[int, int]:
+    """(grid side g, max channels) of a `pos_embed` (1, 1 + C * g*g, D) holding one sin-cos table per channel."""
+    table = pos[0]
+    if np.abs(table[0]).max() > 1e-6:
+        raise ConversionError(f"{where}: pos_embed's class-token row is not zero; not OpenPhenom's layout")
+    rest = table[1:]
+    for g in range(1, int(np.sqrt(len(rest))) + 1):
+        n = g * g
+        if len(rest) % n:
+            continue
+        tiles = rest.reshape(len(rest) // n, n, width)
+        if np.allclose(tiles, sincos_2d(g, g, width)[None], atol=1e-5):
+            return g, len(rest) // n
+    raise ConversionError(f"{where}: pos_embed {pos.shape} is not a 2-D sin-cos table repeated per channel "
+                          "(learned position embeddings are not supported)")
+
+
+def encoder_dims(enc: dict[str, np.ndarray], where: str) -> dict[str, int]:
+    d = _take(enc, "cls_token", where).shape[-1]
+    depth = len(_indices(enc, r"blocks\.(\d+)\.in_proj\.weight$"))
+    if depth == 0:
+        raise ConversionError(f"{where}: no `blocks.N.in_proj.weight`: not a ParallelScalingBlock encoder")
+    head_dim = _take(enc, "blocks.0.q_norm.weight", where).shape[0]
+    if d % head_dim:
+        raise ConversionError(f"{where}: width {d} is not a multiple of the q_norm size {head_dim}")
+    proj = _take(enc, "patch_embed.proj.weight", where)
+    if proj.ndim != 4 or proj.shape[1] != 1 or proj.shape[2] != proj.shape[3]:
+        raise ConversionError(f"{where}: patch_embed.proj.weight {proj.shape} is not a shared single-channel "
+                              "square patch projection (D, 1, p, p): not a channel-agnostic encoder")
+    grid, max_channels = tokens_per_channel(_take(enc, "pos_embed", where), d, where)
+    return dict(width=d, depth=depth, num_heads=d // head_dim, mlp_dim=_take(enc, "blocks.0.mlp_bias", where).shape[0],
+                patch=proj.shape[2], grid=grid, max_channels=max_channels)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tensor mapping (torch Linear weight is (out, in): our kernels are its transpose)
+# --------------------------------------------------------------------------------------------------------
+
+def encoder_params(enc: dict[str, np.ndarray], dims: dict[str, int], where: str) -> dict[tuple, np.ndarray]:
+    d, h, mlp, p = dims["width"], dims["num_heads"], dims["mlp_dim"], dims["patch"]
+    hd = d // h
+    known = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "fc_norm.weight",
+             "fc_norm.bias"}
+    out = {
+        ("cls",): _take(enc, "cls_token", where, (1, 1, d)),
+        ("patch_embed", "proj", "kernel"): _take(enc, "patch_embed.proj.weight", where).reshape(d, p * p).T,
+        ("patch_embed", "proj", "bias"): _take(enc, "patch_embed.proj.bias", where, (d,)),
+        ("norm", "scale"): _take(enc, "fc_norm.weight", where, (d,)),
+        ("norm", "bias"): _take(enc, "fc_norm.bias", where, (d,)),
+    }
+    blocks: dict[tuple, list[np.ndarray]] = {}
+    for i in range(dims["depth"]):
+        def t(name, shape):
+            known.add(f"blocks.{i}.{name}")
+            return _take(enc, f"blocks.{i}.{name}", where, shape)
+
+        w = t("in_proj.weight", (mlp + 3 * d, d)).T                      # columns: [mlp | q | k | v]
+        # timm builds the in_proj bias as concat(qkv_bias = zeros(3D), mlp_bias), which does not line up
+        # with that column order: the first 3D MLP units get no bias, the rest of mlp_bias spills into q, k, v.
+        bias = np.concatenate([np.zeros(3 * d, np.float32), t("mlp_bias", (mlp,))])
+        qkv, qkv_bias = w[:, mlp:], bias[mlp:]
+        layer = {
+            ("in_norm", "scale"): t("in_norm.weight", (d,)), ("in_norm", "bias"): t("in_norm.bias", (d,)),
+            ("mlp_in", "kernel"): w[:, :mlp], ("mlp_in", "bias"): bias[:mlp],
+            ("attn", "qkv"): qkv.reshape(d, 3, h, hd), ("attn", "qkv_bias"): qkv_bias.reshape(3, h, hd),
+            ("attn", "q_norm", "scale"): t("q_norm.weight", (hd,)), ("attn", "q_norm", "bias"): t("q_norm.bias", (hd,)),
+            ("attn", "k_norm", "scale"): t("k_norm.weight", (hd,)), ("attn", "k_norm", "bias"): t("k_norm.bias", (hd,)),
+            ("attn", "out"): t("attn_out_proj.weight", (d, d)).T.reshape(h, hd, d),
+            ("attn", "out_bias"): t("attn_out_proj.bias", (d,)),
+            ("mlp_out", "kernel"): t("mlp_out_proj.weight", (d, mlp)).T,
+            ("mlp_out", "bias"): t("mlp_out_proj.bias", (d,)),
+            ("ls", "gamma"): t("ls.gamma", (d,)),
+        }
+        for k, v in layer.items():
+            blocks.setdefault(k, []).append(v)
+    unknown = sorted(set(enc) - known)
+    if unknown:
+        raise ConversionError(f"{where}: encoder tensors this converter does not know: {unknown[:8]} "
+                              "(e.g. a final `norm`, i.e. not global_pool='avg')")
+    out.update({("transformer", "blocks") + k: np.stack(v) for k, v in blocks.items()})
+    return {("encoder",) + k: v for k, v in out.items()}
+
+
+def decoder_dims(dec: dict[str, np.ndarray], where: str) -> dict[str, int]:
+    return dict(width=_take(dec, "decoder.mask_token", where).shape[-1],
+                channels=len(_indices(dec, r"decoder\.modality_tokens\.(\d+)$")),
+                depth=len(_indices(dec, r"decoder\.decoders\.0\.(\d+)\.norm1\.weight$")))
+
+
+def decoder_params(dec: dict[str, np.ndarray], dims: dict[str, int], enc_width: int, patch: int, grid: int,
+                   heads: int, cross_heads: int, where: str) -> dict[tuple, np.ndarray]:
+    w, m = dims["width"], dims["channels"]
+    known = {"decoder.placeholder", "decoder.pos_embeddings"}
+
+    def t(name, shape):
+        known.add(name)
+        return _take(dec, name, where, shape)
+
+    pos = t("decoder.pos_embeddings", (1, 1 + m * grid * grid, w))[0]
+    expected = np.concatenate([np.zeros((1, w), np.float32), np.tile(sincos_2d(grid, grid, w), (m, 1))])
+    if not np.allclose(pos, expected, atol=1e-5):
+        raise ConversionError(f"{where}: decoder.pos_embeddings is not the per-channel 2-D sin-cos table")
+    if np.abs(t("decoder.placeholder", (1, 1, w))).max() > 0:
+        raise ConversionError(f"{where}: decoder.placeholder is not zero")
+
+    def linear(prefix, d_in, d_out, bias=True):
+        kernel = t(f"{prefix}.weight", (d_out, d_in)).T
+        return (kernel, t(f"{prefix}.bias", (d_out,))) if bias else (kernel, None)
+
+    def norm(prefix):
+        return {"scale": t(f"{prefix}.weight", (w,)), "bias": t(f"{prefix}.bias", (w,))}
+
+    chd = w // cross_heads
+    out: dict[tuple, np.ndarray] = {}
+    out[("embed", "kernel")], out[("embed", "bias")] = linear("encoder_decoder_proj", enc_width, w)
+    out[("mask_token",)] = t("decoder.mask_token", (1, 1, w))
+    out[("channel_tokens",)] = np.stack([t(f"decoder.modality_tokens.{i}", (1, 1, w))[0, 0] for i in range(m)])
+    for name in ("query_norm", "context_norm", "out_norm"):
+        for k, v in norm(f"decoder.{name}").items():
+            out[(name, k)] = v
+    q, _ = linear("decoder.cross_attention.q", w, w, bias=False)
+    kv, _ = linear("decoder.cross_attention.kv", w, 2 * w, bias=False)
+    out[("cross_attention", "q")] = q.reshape(w, cross_heads, chd)
+    out[("cross_attention", "kv")] = kv.reshape(w, 2, cross_heads, chd)
+    proj, out[("cross_attention", "out_bias")] = linear("decoder.cross_attention.proj", w, w)
+    out[("cross_attention", "out")] = proj.reshape(cross_heads, chd, w)
+    for fc, (a, b) in (("fc1", (w, 4 * w)), ("fc2", (4 * w, w))):
+        out[("mlp", fc, "kernel")], out[("mlp", fc, "bias")] = linear(f"decoder.mlp.{fc}", a, b)
+    out[("pred", "kernel")], out[("pred", "bias")] = linear("decoder_pred", w, patch * patch)
+
+    hd = w // heads
+    stacked: dict[tuple, list] = {}
+    for ch in range(m):
+        layers: dict[tuple, list] = {}
+        for i in range(dims["depth"]):
+            pre = f"decoder.decoders.{ch}.{i}"
+            qkv, qkv_bias = linear(f"{pre}.attn.qkv", w, 3 * w)
+            proj, proj_bias = linear(f"{pre}.attn.proj", w, w)
+            fc1, fc1_b = linear(f"{pre}.mlp.fc1", w, 4 * w)
+            fc2, fc2_b = linear(f"{pre}.mlp.fc2", 4 * w, w)
+            layer = {("attn", "qkv"): qkv.reshape(w, 3, heads, hd),
+                     ("attn", "qkv_bias"): qkv_bias.reshape(3, heads, hd),
+                     ("attn", "out"): proj.reshape(heads, hd, w), ("attn", "out_bias"): proj_bias,
+                     ("mlp", "fc1", "kernel"): fc1, ("mlp", "fc1", "bias"): fc1_b,
+                     ("mlp", "fc2", "kernel"): fc2, ("mlp", "fc2", "bias"): fc2_b}
+            for n in ("norm1", "norm2"):
+                for k, v in norm(f"{pre}.{n}").items():
+                    layer[(n, k)] = v
+            for k, v in layer.items():
+                layers.setdefault(k, []).append(v)
+        for k, v in layers.items():
+            stacked.setdefault(k, []).append(np.stack(v))
+    out.update({("channel_decoders", "blocks") + k: np.stack(v) for k, v in stacked.items()})
+    unknown = sorted(set(dec) - known)
+    if unknown:
+        raise ConversionError(f"{where}: decoder tensors this converter does not know: {unknown[:8]}")
+    return {("decoder",) + k: v for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# OpenPhenom -> maejax
+# --------------------------------------------------------------------------------------------------------
+
+def openphenom_config(enc_dims: dict[str, int], dec_dims: dict[str, int] | None, *, in_channels: int,
+                      decoder_heads: int, cross_attention_heads: int, decoder_norm_eps: float
+                      ) -> ml_collections.ConfigDict:
+    c = config_lib.base()
+    m = c.model
+    dims = (enc_dims["width"], enc_dims["depth"], enc_dims["mlp_dim"], enc_dims["num_heads"])
+    name = next((k for k, v in VARIANTS.items() if v == dims), "S")
+    m.name = "ca_mae"
+    m.variant = f"{name}/{enc_dims['patch']}"
+    m.width, m.depth, m.mlp_dim, m.num_heads = dims[0], dims[1], dims[2], dims[3]
+    m.block = "parallel"
+    m.qkv_bias = True          # holds the part of OpenPhenom's mlp_bias that timm adds to q, k and v
+    m.qk_norm = True
+    m.layerscale = OPENPHENOM_LAYERSCALE_INIT
+    m.norm_eps = 1e-6
+    m.cls_token = True
+    m.final_norm = "pooled"    # timm global_pool='avg': no norm on tokens, fc_norm after pooling
+    m.max_channels = enc_dims["max_channels"]
+    if dec_dims is None:
+        if not 1 <= in_channels <= enc_dims["max_channels"]:
+            raise ConversionError(f"--in-channels {in_channels}: the encoder takes 1 to {enc_dims['max_channels']}")
+        m.in_channels = in_channels
+        m.decoder_depth = 0
+    else:
+        m.in_channels = dec_dims["channels"]
+        m.decoder_width = dec_dims["width"]
+        m.decoder_depth = dec_dims["depth"]
+        m.decoder_heads = decoder_heads
+        m.cross_attention_heads = cross_attention_heads
+        m.decoder_norm_eps = decoder_norm_eps
+    c.data.crop_size = enc_dims["patch"] * enc_dims["grid"]
+    return c
+
+
+def convert_openphenom(weights: str, out: str, *, in_channels: int = 6, decoder: bool = True,
+                       decoder_heads: int = 16, cross_attention_heads: int = 8, decoder_norm_eps: float = 1e-5
+                       ) -> ml_collections.ConfigDict:
+    """Converts an OpenPhenom / maes_microscopy CA-MAE file into a maejax checkpoint directory `out`.
+
+    `decoder=False` converts the encoder alone even when the file holds a decoder. Returns the config.
+    """
+    sd = read_state_dict(weights)
+    enc, dec = split_state_dict(sd, weights)
+    enc_dims = encoder_dims(enc, weights)
+    flat = encoder_params(enc, enc_dims, weights)
+    dec_dims = None
+    if dec and decoder:
+        dec_dims = decoder_dims(dec, weights)
+        flat.update(decoder_params(dec, dec_dims, enc_dims["width"], enc_dims["patch"], enc_dims["grid"],
+                                   decoder_heads, cross_attention_heads, weights))
+    config = openphenom_config(enc_dims, dec_dims, in_channels=in_channels, decoder_heads=decoder_heads,
+                               cross_attention_heads=cross_attention_heads, decoder_norm_eps=decoder_norm_eps)
+    model = model_from_flat(config.model, flat, weights)
+    source = {"format": "openphenom", "file": os.path.abspath(weights), "decoder": dec_dims is not None}
+    meta = {"step": 0, "config": json.loads(config.to_json()), "converted_from": source}
+    save_converted(out, model, meta)
+    return config
+
+
+def model_from_flat(model_cfg: Any, flat: dict[tuple, np.ndarray], where: str) -> nnx.Module:
+    """Builds the model abstractly and fills every parameter from `flat` (path -> array); all must match."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: models.build(model_cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    targets = dict(nnx.to_flat_state(state))
+    missing = sorted(set(targets) - set(flat))
+    extra = sorted(set(flat) - set(targets))
+    if missing or extra:
+        raise ConversionError(f"{where}: converted tensors do not match the model: missing {missing[:6]}, "
+                              f"unexpected {extra[:6]}")
+    pure: dict = {}
+    for path, var in targets.items():
+        value = flat[path]
+        if value.shape != var.shape:
+            raise ConversionError(f"{where}: {'.'.join(map(str, path))} converted to shape {value.shape}, "
+                                  f"the model needs {var.shape}")
+        node = pure
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = jnp.asarray(value, var.dtype)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def save_converted(out: str, model: nnx.Module, meta: dict[str, Any]) -> None:
+    """Step-0 checkpoint with an identity optimiser (the optimiser item must exist and be non-empty)."""
+    ckpts = Checkpoints(out, keep=1, async_save=False)
+    if ckpts.latest_step() is not None:
+        ckpts.close()
+        raise FileExistsError(f"--out {os.path.abspath(out)} already holds a checkpoint (step "
+                              f"{ckpts.latest_step()}); choose an empty directory")
+    optimizer = nnx.Optimizer(model, optax.identity(), wrt=nnx.Param)
+    ckpts.save(0, model_state=nnx.state(model), optimizer_state=nnx.state(optimizer), meta=meta, force=True)
+    ckpts.close()
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(meta["config"], f, indent=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m maejax.convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="source", required=True)
+    op = sub.add_parser("openphenom", help="OpenPhenom / maes_microscopy CA-MAE (safetensors or torch pickle)")
+    op.add_argument("--weights", required=True, help="model file (format detected from its first bytes)")
+    op.add_argument("--out", required=True, help="new checkpoint directory")
+    op.add_argument("--in-channels", type=int, default=6,
+                    help="training channels recorded in the config when the file has no decoder (default 6)")
+    op.add_argument("--encoder-only", action="store_true", help="ignore the decoder even if the file has one")
+    op.add_argument("--decoder-heads", type=int, default=16, help="decoder self-attention heads (OpenPhenom: 16)")
+    op.add_argument("--cross-attention-heads", type=int, default=8, help="decoder cross-attention heads (8)")
+    op.add_argument("--decoder-norm-eps", type=float, default=1e-5,
+                    help="decoder LayerNorm eps (OpenPhenom's HF model: torch default 1e-5)")
+    args = parser.parse_args(argv)
+    config = convert_openphenom(args.weights, args.out, in_channels=args.in_channels, decoder=not args.encoder_only,
+                                decoder_heads=args.decoder_heads, cross_attention_heads=args.cross_attention_heads,
+                                decoder_norm_eps=args.decoder_norm_eps)
+    m = config.model
+    print(f"{args.weights} -> {os.path.abspath(args.out)}: ca_mae width {m.width}, depth {m.depth}, "
+          f"heads {m.num_heads}, patch {m.variant.split('/')[1]}, up to {m.max_channels} channels, "
+          f"decoder: {f'{m.decoder_depth} blocks per channel' if m.decoder_depth else 'none'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Reads dataset directories (see data/arrayrecord_writer.py): the training stream and the ordered eval reader.
+
+Training: grain over the ArrayRecord shards,
+
+    range(N) -> this process's slice -> seeded shuffle (new order each epoch) -> repeat
+      -> read + decode + random crop / flips / rot90 + self-standardisation  (grain random_map)
+      -> batch (drop remainder) -> optional worker processes
+
+The element that flows through the index stages is the record_id, so labels come from the metadata
+table and every batch says which records it holds. Augmentation draws its randomness from grain's
+per-position RNG, so a given (seed, position in the stream) always yields the same crop, and an
+iterator restored from `get_state()` reproduces the original stream exactly.
+
+Eval: `iterate_records` walks the records in record_id order, once each, as uint8 batches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+import pandas as pd
+
+from maejax import records
+from maejax.preprocess import self_standardize
+from maejax.records import LAYOUT
+
+_MANIFEST_KEYS = ("channels", "crop_shape", "num_records", "shards", "perturbations", "controls")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordReader:
+    """Reads one record's image by record_id and checks its shape; small and picklable for grain workers."""
+    source: grain.sources.ArrayRecordDataSource
+    shard_files: tuple[str, ...]
+    shard_offsets: tuple[int, ...]  # record_id of each shard's first record
+    shape: tuple[int, int, int]     # (C, H, W) every record must have
+
+    def where(self, record_id: int) -> str:
+        """Names a record for error messages: `<shard path>[<index within the shard>]`."""
+        shard = int(np.searchsorted(self.shard_offsets, record_id, side="right")) - 1
+        return f"{self.shard_files[shard]}[{record_id - self.shard_offsets[shard]}]"
+
+    def decode(self, data: bytes, record_id: int) -> np.ndarray:
+        image = records.decode(data, where=self.where(record_id))["image"]
+        if image.shape != self.shape:
+            raise records.RecordError(
+                f"{self.where(record_id)}: image shape (C, H, W) = {image.shape}, the dataset's manifest "
+                f"says {self.shape}")
+        return image
+
+    def read(self, record_id: int) -> np.ndarray:
+        return self.decode(self.source[record_id], record_id)
+
+    def read_many(self, record_ids) -> np.ndarray:
+        """uint8 (B, C, H, W) for the given record_ids (one batched ArrayRecord read)."""
+        ids = [int(i) for i in record_ids]
+        return np.stack([self.decode(d, i) for d, i in zip(self.source.__getitems__(ids), ids)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """An opened dataset directory."""
+    path: Path
+    manifest: dict[str, Any]
+    metadata: pd.DataFrame  # one row per record, row i is record_id i
+    reader: RecordReader
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.manifest["channels"])
+
+    @property
+    def crop_shape(self) -> tuple[int, int, int]:
+        return self.reader.shape
+
+    @property
+    def perturbations(self) -> list[str]:
+        """Label i is perturbations[i]; controls are included."""
+        return list(self.manifest["perturbations"])
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+
+def open_dataset(dataset_dir: str | os.PathLike) -> Dataset:
+    """Opens and checks a dataset directory: manifest, metadata table and every shard's record count."""
+    path = Path(dataset_dir)
+    manifest_path = path / LAYOUT.manifest
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: no dataset manifest (is {path} a dataset directory?)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"{manifest_path}: corrupt manifest ({e})") from e
+    if missing:
+        raise ValueError(f"{manifest_path}: corrupt manifest, missing keys {missing}")
+
+    shard_files, offsets, total = [], [], 0
+    for shard in manifest["shards"]:
+        shard_path = path / shard["file"]
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"{shard_path}: shard listed in {manifest_path} is missing")
+        found = _count_records(shard_path)
+        if found != shard["num_records"]:
+            raise ValueError(f"{shard_path}: holds {found} records, {manifest_path} says "
+                             f"{shard['num_records']} (truncated or corrupt shard)")
+        shard_files.append(str(shard_path))
+        offsets.append(total)
+        total += found
+    if total != manifest["num_records"]:
+        raise ValueError(f"{manifest_path}: shards hold {total} records, num_records says {manifest['num_records']}")
+
+    metadata_path = path / LAYOUT.metadata
+    if not metadata_path.is_file():
+        raise FileNotFoundError(f"{metadata_path}: metadata table is missing")
+    metadata = pd.read_parquet(metadata_path)
+    if not np.array_equal(metadata["record_id"].to_numpy(), np.arange(total)):
+        raise ValueError(f"{metadata_path}: expected one row per record, record_id 0..{total - 1} in order")
+
+    source = grain.sources.ArrayRecordDataSource(shard_files)
+    reader = RecordReader(source, tuple(shard_files), tuple(offsets), tuple(manifest["crop_shape"]))
+    return Dataset(path=path, manifest=manifest, metadata=metadata, reader=reader)
+
+
+def _count_records(shard_path: Path) -> int:
+    from array_record.python.array_record_module import ArrayRecordReader
+    try:
+        reader = ArrayRecordReader(str(shard_path))
+        try:
+            return reader.num_records()
+        finally:
+            reader.close()  # raises on a truncated file
+    except Exception as e:
+        raise ValueError(f"{shard_path}: corrupt ArrayRecord shard ({type(e).__name__}: {e})") from e
+
+
+def _as_dataset(dataset: str | os.PathLike | Dataset) -> Dataset:
+    return dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
+
+
+class _TrainExample(grain.transforms.RandomMap):
+    """record_id -> augmented, self-standardised training example."""
+
+    def __init__(self, reader: RecordReader, labels: np.ndarray, is_control: np.ndarray, *,
+                 crop_size: int, flip: bool, rot90: bool):
+        self.reader, self.labels, self.is_control = reader, labels, is_control
+        self.crop_size, self.flip, self.rot90 = crop_size, flip, rot90
+
+    def random_map(self, record_id, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        record_id = int(record_id)
+        image = self.reader.read(record_id)
+        _, height, width = image.shape
+        c = self.crop_size
+        # Draw every random number whatever the switches, so turning one augmentation off leaves
+        # the others' draws (e.g. the crop positions) unchanged.
+        y, x = rng.integers(height - c + 1), rng.integers(width - c + 1)
+        flip_v, flip_h, quarter_turns = rng.random() < 0.5, rng.random() < 0.5, rng.integers(4)
+        image = image[:, y:y + c, x:x + c]
+        if self.flip:
+            image = image[:, ::-1] if flip_v else image
+            image = image[:, :, ::-1] if flip_h else image
+        if self.rot90:
+            image = np.rot90(image, quarter_turns, axes=(1, 2))
+        return {
+            "image": self_standardize(image),
+            "label": self.labels[record_id],
+            "is_control": self.is_control[record_id],
+            "record_id": np.int64(record_id),
+        }
+
+
+def make_train_iterator(
+    dataset: str | os.PathLike | Dataset,
+    *,
+    batch_size: int,
+    crop_size: int,
+    seed: int,
+    num_workers: int = 0,
+    flip: bool = True,
+    rot90: bool = True,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_epochs: int | None = None,
+    num_channels: int | None = None,
+    read_threads: int = 8,
+) -> grain.DatasetIterator:
+    """Returns an iterator over this process's training batches.
+
+    batch_size: the GLOBAL batch size; each of the `process_count` processes yields
+      batch_size // process_count examples per batch (feed them to
+      `jax.make_array_from_process_local_data`).
+    Each batch is a dict: `image` float32 (B, C, crop_size, crop_size) self-standardised, `label` int32
+    (index into the manifest's `perturbations`), `is_control` bool, `record_id` int64.
+    Augmentation: a random square crop of `crop_size` (a no-op when it equals the record size), then
+    random vertical and horizontal flips (`flip`) and a random number of quarter turns (`rot90`).
+    Records are split across processes by record_id (process p takes p, p + P, ...; every process gets
+    N // P of them so all yield the same number of batches), then shuffled with `seed`, in a new order
+    each epoch; `num_epochs=None` repeats forever, otherwise the stream ends after that many epochs
+    (remainder dropped). num_workers > 0 moves reading and augmentation to that many processes
+    (`mp_prefetch`); batches are the same for 0 and 1 worker, and a saved state must be restored with
+    the same num_workers. read_threads: grain read threads per process. The returned iterator supports
+    `get_state()` / `set_state()` and `grain.checkpoint.CheckpointSave` / `CheckpointRestore`.
+    """
+    ds = _as_dataset(dataset)
+    channels, height, width = ds.crop_shape
+    manifest_path = ds.path / LAYOUT.manifest
+    if num_channels is not None and num_channels != channels:
+        raise ValueError(f"asked for {num_channels} channels; {manifest_path} says records have {channels}")
+    if not 0 < crop_size <= min(height, width):
+        raise ValueError(f"crop_size {crop_size} does not fit records of {height}x{width} ({manifest_path})")
+    process_index, process_count = _process_slot(process_index, process_count)
+    if batch_size % process_count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
+    local_batch = batch_size // process_count
+    per_process = len(ds) // process_count
+    if per_process < local_batch:
+        raise ValueError(f"{ds.path}: {per_process} records per process, fewer than one batch of {local_batch}")
+
+    example = _TrainExample(
+        ds.reader,
+        labels=ds.metadata["label"].to_numpy(np.int32),
+        is_control=ds.metadata["is_control"].to_numpy(bool),
+        crop_size=crop_size, flip=flip, rot90=rot90)
+    record_ids = grain.MapDataset.range(len(ds))[process_index::process_count][:per_process]
+    examples = record_ids.seed(seed).shuffle().repeat(num_epochs).random_map(example)
+    batches = examples.to_iter_dataset(
+        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * local_batch)
+    ).batch(local_batch, drop_remainder=True)
+    if num_workers > 0:
+        _allow_grain_workers()
+        batches = batches.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=4))
+    return iter(batches)
+
+
+def iterate_records(
+    dataset: str | os.PathLike | Dataset,
+    batch_size: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:
+    """Yields (uint8 images (B, C, H, W), metadata rows) in record_id order, each record exactly once.
+
+    With process_count > 1 only this process's contiguous block of record_ids is read; the blocks
+    of all processes cover the dataset. The last batch may be smaller.
+    """
+    ds = _as_dataset(dataset)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    block = np.array_split(np.arange(len(ds)), process_count)[process_index]
+    for start in range(0, len(block), batch_size):
+        ids = block[start:start + batch_size]
+        yield ds.reader.read_many(ids), ds.metadata.iloc[ids[0]:ids[-1] + 1]
+
+
+def _process_slot(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only when asked: the eval reader and data tools do not need jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _allow_grain_workers() -> None:
+    """grain workers read absl flags, which fail unless parsed (grain#1355, stack.md P3)."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
