@@ -181,4 +181,5 @@ def check_divisible(abstract_state, mesh: Mesh, what: str) -> None:
                 raise MeshError(
                     f"{what} {jax.tree_util.keystr(path, simple=True, separator='/')} of shape {x.shape}: "
                     f"dimension {dim}{name} of size {size} cannot be split over mesh axes {split}; choose mesh "
-                    f"sizes that divide it (e.g. the tensor axis must divide the number of heads, fsdp the widths)")
+                    f"sizes that divide it (e.g. the tensor axis must divide the number of heads, fsdp the "
+                    f"widths)")

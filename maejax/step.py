@@ -42,9 +42,9 @@ def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     if accum < 1 or batch % accum:
         raise ValueError(f"data.batch_size={batch} is not divisible by optim.grad_accum_steps={accum}")
     if (batch // accum) % dp:
-        micro = f"microbatch {batch // accum} (data.batch_size / optim.grad_accum_steps)" if accum > 1 else \
-            f"data.batch_size={batch}"
-        raise ValueError(f"{micro} is not divisible by the data-parallel size {dp} = data x fsdp of the mesh "
+        what = (f"microbatch {batch // accum} (data.batch_size / optim.grad_accum_steps)" if accum > 1
+                else f"data.batch_size={batch}")
+        raise ValueError(f"{what} is not divisible by the data-parallel size {dp} = data x fsdp of the mesh "
                          f"{dict(mesh.shape)}")
     if batch % jax.process_count():
         raise ValueError(f"data.batch_size={batch} is not divisible by the {jax.process_count()} processes")

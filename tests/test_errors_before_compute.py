@@ -18,7 +18,8 @@ def run_expecting(tmp_path, error, match, **overrides):
 
 
 def test_mesh_that_does_not_fit_the_devices(tmp_path):
-    run_expecting(tmp_path, shd.MeshError, r"needs 12 devices, but there are 8", **{"mesh.data": 3, "mesh.fsdp": 4})
+    run_expecting(tmp_path, shd.MeshError, r"needs 12 devices, but there are 8",
+                  **{"mesh.data": 3, "mesh.fsdp": 4})
     run_expecting(tmp_path, shd.MeshError, r"fixed axes \(3\) do not divide the 8 devices",
                   **{"mesh.data": -1, "mesh.fsdp": 3})
 
@@ -39,12 +40,14 @@ def test_batch_not_divisible_by_the_data_parallel_size(tmp_path):
 
 def test_heads_not_divisible_by_the_tensor_axis(tmp_path):
     # mu/8 has 2 heads (decoder: 2); 4-way tensor parallelism cannot split them.
-    run_expecting(tmp_path, shd.MeshError, r"dimension \d \('heads'\) of size 2 cannot be split over mesh axes tensor=4",
+    run_expecting(tmp_path, shd.MeshError,
+                  r"dimension \d \('heads'\) of size 2 cannot be split over mesh axes tensor=4",
                   **{"mesh.data": 2, "mesh.tensor": 4})
 
 
 def test_width_not_divisible_by_fsdp(tmp_path):
-    run_expecting(tmp_path, shd.MeshError, r"decoder/.*\('embed'\) of size 36 cannot be split over mesh axes fsdp=8",
+    run_expecting(tmp_path, shd.MeshError,
+                  r"decoder/.*\('embed'\) of size 36 cannot be split over mesh axes fsdp=8",
                   **{"mesh.data": 1, "mesh.fsdp": 8, "model.decoder_width": 36})
 
 

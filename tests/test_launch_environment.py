@@ -23,7 +23,8 @@ def test_half_specified_explicit_set_up_is_an_error():
 
 
 def test_slurm_one_task_per_node_drives_all_its_gpus():
-    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_NNODES": "4", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_NNODES": "4",
+           "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}
     assert plan(env) == {"local_device_ids": [0, 1, 2, 3, 4, 5, 6, 7]}
     env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4"}
     assert plan(env) == {"local_device_ids": [0, 1, 2, 3]}

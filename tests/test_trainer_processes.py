@@ -9,6 +9,7 @@ data 2 x fsdp 2 x tensor 2, 2 input streams) against one uninterrupted reference
 
 The runs share a persistent compilation cache, so only the first run of each program pays the compile.
 """
+import json
 import os
 import shutil
 import signal
@@ -65,10 +66,16 @@ def assert_same_losses(got, want, rtol=1e-6):
     np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=rtol)
 
 
-def test_uninterrupted_run_keeps_the_last_three_checkpoints(setup, reference):
+def test_uninterrupted_run_reports_and_keeps_the_last_three_checkpoints(setup, reference):
+    workdir = setup[0] / "reference"
     assert sorted(reference) == list(range(1, STEPS + 1))
     assert all(np.isfinite(list(reference.values())))
-    assert steps_saved(setup[0] / "reference") == [6, 8, 10]   # saved every 2 steps, the last 3 kept
+    assert steps_saved(workdir) == [6, 8, 10]   # saved every 2 steps, the last 3 kept
+    log = open(f"{workdir}.log").read()
+    assert log.index("per-device memory: peak") < log.index("step 1/")   # memory analysis before step 1
+    row = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "lr", "grad_norm", "step_time_s", "examples_per_s", "tflops_per_device"} <= set(row)
+    assert "mfu" not in row   # a CPU has no peak in maejax.mfu
 
 
 def test_sigterm_saves_at_the_next_step_and_the_resumed_run_matches(setup, reference):
@@ -78,7 +85,8 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_matches(setup, refer
     finish(proc, workdir, rc=PREEMPTED_EXIT_CODE)  # a clean exit, not a kill
     stopped = max(tt.losses(workdir))
     assert 3 <= stopped < STEPS
-    assert f"Preemption notice: saved the checkpoint of step {stopped} and stopped" in open(f"{workdir}.log").read()
+    log = open(f"{workdir}.log").read()
+    assert f"Preemption notice: saved the checkpoint of step {stopped} and stopped" in log
     assert steps_saved(workdir)[-1] == stopped
     _, proc = start(setup, "sigterm")  # resume
     finish(proc, workdir)

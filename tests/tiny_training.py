@@ -43,8 +43,9 @@ def cli_args(workdir, overrides: dict) -> list[str]:
 
 
 def subprocess_env(devices: int, **extra) -> dict[str, str]:
+    # LLVM optimisation level 0: the tiny model compiles ~40% faster; every run of a test uses the same flags.
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
