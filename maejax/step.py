@@ -135,9 +135,11 @@ STEP_ARG = jax.ShapeDtypeStruct((), jnp.int32)  # the step number, as the compil
 
 def compile_train_step(p_step, sharded: ShardedState, config: ml_collections.ConfigDict, mesh: Mesh, rules):
     """Lowers and compiles once for the abstract state and batch (no device memory is touched)."""
+    level = int(config.xla_backend_optimization_level)
+    options = {"xla_backend_optimization_level": level} if level >= 0 else None
     with shd.activate(mesh, rules):
         return p_step.lower(sharded.model_abstract, sharded.opt_abstract, abstract_batch(config, mesh),
-                            STEP_ARG).compile()
+                            STEP_ARG).compile(compiler_options=options)
 
 
 def step_arg(step: int) -> np.ndarray:

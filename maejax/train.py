@@ -38,8 +38,8 @@ class NonFiniteError(FloatingPointError):
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
     """Trains `config` in `workdir`; returns the last logged metrics (plus `preempted_at` after a SIGTERM).
 
-    `stop_after` ends the run after that many steps in total (a checkpoint is saved there), as if the
-    job had been preempted: tests use it to check that resuming gives the same losses.
+    `stop_after` ends the run after that many steps in total (a checkpoint is saved there) while keeping
+    the schedule of `total_steps`: a long run done in chunks, each resuming from the last.
     """
     # ----------------------------------------------------------------------------------------------------
     # Checks that need no compute: config keys, mesh, batch split, parameter shardings
@@ -53,6 +53,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     tx = optim.make(config.optim, total)
     lr_schedule = optim.schedule(config.optim, total)
     sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
+    _check_num_classes(config)
     os.makedirs(workdir, exist_ok=True)
 
     # ----------------------------------------------------------------------------------------------------
@@ -157,6 +158,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         notice.close()
         ckpts.close()  # waits for an asynchronous save in flight, also when the run stops on an error
         writer.close()
+
+
+def _check_num_classes(config: ml_collections.ConfigDict) -> None:
+    """A classifier needs a logit for every label of the dataset: a label past the last logit would one-hot
+    to zeros and train on a silently wrong loss."""
+    if config.model.name != "supervised":
+        return
+    from maejax import input_pipeline
+    n = len(input_pipeline.open_dataset(config.data.dir).perturbations)
+    if int(config.model.num_classes) < n:
+        raise ValueError(f"model.num_classes={config.model.num_classes} is below the {n} perturbations (labels) "
+                         f"of the dataset {config.data.dir}; set model.num_classes={n}")
 
 
 def _check_finite(rows: list[dict[str, np.ndarray]], first_step: int) -> None:

@@ -31,9 +31,11 @@ def write_tiny_dataset(out_dir, *, num_records: int = 64, size: int = 40, channe
 
 
 def tiny_config(data_dir, **overrides):
-    """The `tiny` preset (mu/8 MAE, batch 8, 32 px crops) with {"section.key": value} overrides."""
+    """The `tiny` preset (mu/8 MAE, batch 8, 32 px crops) with {"section.key": value} overrides; its train
+    step compiled at LLVM optimisation level 0, like the subprocess runs (`subprocess_env`)."""
     from maejax import config as config_lib
-    overrides = {"data.dir": str(data_dir), "data.streams": 2, "log_every": 1, **overrides}
+    overrides = {"data.dir": str(data_dir), "data.streams": 2, "log_every": 1,
+                 "xla_backend_optimization_level": 0, **overrides}
     return config_lib.load(CONFIG, overrides)
 
 
