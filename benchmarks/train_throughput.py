@@ -3,10 +3,11 @@ so the input pipeline is not measured: step time, crops/s, TFLOP/s per device an
 The first run is the baseline; every further run (`--compare`) prints its ratio to it.
 
   python -m benchmarks.train_throughput --config configs/mae_synthetic.py:preset=tiny --batch 32 --steps 20
-  # one H100/H200, ViT-L/8 MAE, bf16, 256 x 256 x 6 crops; remat and attention variants against the baseline:
+  # one H100/H200, ViT-L/8 MAE, bf16, 256 x 256 x 6 crops; remat, batch and attention variants:
   python -m benchmarks.train_throughput --gpu_flags --config configs/mae_scale.py:preset=L8 \
-      --batch 64 --remat dots --attention cudnn --set mesh.fsdp=1 \
-      --compare model.attention=None --compare model.remat=full --compare model.scan_layers=False
+      --batch 64 --remat full --attention cudnn --steps 20 \
+      --compare model.remat=dots --compare model.remat=dots_no_batch \
+      --compare model.remat=none,data.batch_size=32 --compare model.attention=None
 
 MFU uses maejax.mfu's peak for the device kind (or --set peak_tflops=...). A CPU has no listed peak; there
 the script measures an n x n float32 matmul and reports `of_matmul` = achieved / that (not an MFU).
@@ -22,10 +23,15 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def gpu_xla_flags() -> str:
-    """XLA_FLAGS from launch/gpu_flags.sh (one list for the launchers and this script)."""
-    script = f"source {REPO}/launch/gpu_flags.sh && printf %s \"$XLA_FLAGS\""
-    return subprocess.run(["bash", "-c", script], check=True, capture_output=True, text=True).stdout
+GPU_ENV = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "NCCL_NVLS_ENABLE")
+
+
+def gpu_env() -> dict[str, str]:
+    """The environment launch/gpu_flags.sh sets (one list for the launchers and this script); XLA_FLAGS
+    already set are kept, as the script appends to them."""
+    script = f"source {REPO}/launch/gpu_flags.sh && printf '%s\\0' " + " ".join(f'"${k}"' for k in GPU_ENV)
+    out = subprocess.run(["bash", "-c", script], check=True, capture_output=True, text=True).stdout
+    return dict(zip(GPU_ENV, out.split("\0")))
 
 
 def parse_args(argv):
@@ -40,7 +46,8 @@ def parse_args(argv):
     p.add_argument("--attention", choices=("xla", "cudnn"), help="model.attention (cudnn: fused, GPUs only)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), help="model.dtype (compute)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run (after 2 warm-up steps)")
-    p.add_argument("--gpu_flags", action="store_true", help="use launch/gpu_flags.sh's XLA flags")
+    p.add_argument("--gpu_flags", action="store_true",
+                   help="launch/gpu_flags.sh's XLA flags and memory fraction, as the GPU launchers use")
     return p.parse_args(argv)
 
 
@@ -117,7 +124,7 @@ def _size(nbytes) -> str:
 def main(argv=None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.gpu_flags:
-        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + gpu_xla_flags()
+        os.environ.update(gpu_env())  # before jax creates its GPU client
     import jax
 
     from maejax import config as config_lib, mfu
@@ -133,17 +140,21 @@ def main(argv=None) -> None:
           f"attention {base_cfg.model.attention or 'xla'}; {jax.device_count()} x {kind}"
           + (f"; measured f32 matmul {matmul / 1e12:.3f} TFLOP/s per device" if matmul else ""), flush=True)
     header = ["run", "step ms", "crops/s", "TFLOP/s/dev", "MFU" if not matmul else "of_matmul", "peak mem",
-              "compile s", "speed-up"]
+              "compile s", "crops/s vs baseline"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     base = None
     for name, ov in runs:
-        r = measure(config_lib.load(args.config, ov), args.steps)
+        try:
+            r = measure(config_lib.load(args.config, ov), args.steps)
+        except jax.errors.JaxRuntimeError as e:   # e.g. out of memory: the other variants still run
+            print(f"| {name} | failed: {' '.join(str(e).split())[:200]} |", flush=True)
+            continue
         base = base or r
         util = r.get("mfu") if not matmul else r["tflops_per_device"] * 1e12 / matmul
         mem = r["memory"].get("peak")
         row = [name, f"{r['step_s'] * 1e3:.1f}", f"{r['examples_per_s']:.1f}", f"{r['tflops_per_device']:.4g}",
                f"{util:.1%}" if util is not None else "n/a", _size(mem),
-               f"{r['compile_s']:.1f}", f"{base['step_s'] / r['step_s']:.2f}x"]
+               f"{r['compile_s']:.1f}", f"{r['examples_per_s'] / base['examples_per_s']:.2f}x"]
         print("| " + " | ".join(row) + " |", flush=True)
 
 
