@@ -18,7 +18,7 @@ from data.sources import cli, tables
 # w1..w6, from the RxRx1 paper (the README lists only the channel numbers).
 RXRX_STAINS = ["Hoechst", "ConA", "Phalloidin", "Syto14", "MitoTracker", "WGA"]
 COLUMNS = ("experiment", "plate", "well", "site", "well_type", "sirna")
-EXTRA_COLUMNS = ("site_id", "well_id", "cell_type", "dataset", "well_type", "sirna_id")
+EXTRA_COLUMNS = ("site_id", "well_id", "cell_type", "dataset", "well_type")
 
 
 class RxRx1(Source):
@@ -58,6 +58,8 @@ class RxRx1(Source):
                 "is_control": row["well_type"] == "negative_control",
                 **tables.extras(row, EXTRA_COLUMNS),
             }
+            if "sirna_id" in row.index:
+                meta["sirna_id"] = tables.as_int(row["sirna_id"], *where, "sirna_id")
             refs = tuple(ChannelRef(str(folder / f"{well}_s{site}_w{c}.png")) for c in range(1, 7))
             sites.append(Site(f"{experiment}/Plate{plate}/{well}/s{site}", meta, refs))
         sites.sort(key=lambda s: (s.meta["experiment"], int(s.meta["plate"][5:]), s.meta["well"], s.meta["site"]))
