@@ -139,13 +139,24 @@ class ShardResult:
     bad_sites: list[dict[str, Any]]
 
 
-def build_dataset(source: Source, out_dir: str | os.PathLike, options: BuildOptions = BuildOptions()) -> BuildReport:
-    """Builds (or resumes) the crop dataset of `source` at `out_dir`. Raises BuildError on bad sites."""
-    start = time.perf_counter()
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a build will do; the local driver and the Beam pipeline share it."""
+    sites: list[Site]
+    fmt: SiteFormat
+    num_shards: int
+    shard_names: list[str]
+    blocks: list[int]        # shard s holds sites[blocks[s]:blocks[s + 1]]
+    converted: list[int]     # channels that go through the conversion rule
+    spec: dict[str, Any]     # everything that decides the output; a resumed build must match it
+
+    def shard_sites(self, shard: int) -> list[Site]:
+        return self.sites[self.blocks[shard]:self.blocks[shard + 1]]
+
+
+def plan_build(source: Source, options: BuildOptions) -> Plan:
+    """Lists and checks the sites, probes the format and fixes the sharding."""
     options.validate()
-    out_dir = Path(out_dir)
-    check_writable(out_dir, options.overwrite)
-    channels = list(source.channels)
     sites = source.sites()
     if not sites:
         raise BuildError(f"{_describe_source(source)}: lists no sites")
@@ -155,26 +166,32 @@ def build_dataset(source: Source, out_dir: str | os.PathLike, options: BuildOpti
     fmt = probe_format(sites, source, options)
     per_site = options.crop.count(*(fmt.size or (options.crop.size, options.crop.size)))  # an estimate for "any"
     num_shards = options.num_shards or max(1, math.ceil(len(sites) * per_site / options.records_per_shard))
-    blocks = shard_blocks(len(sites), num_shards)
-    shard_names = shard_file_names(num_shards)
+    spec = {"source": source.describe(), "kind": source.kind, "module": source.module,
+            "channels": list(source.channels), "options": options.spec(), "num_shards": num_shards,
+            "site_format": fmt.to_json(), "num_sites": len(sites), "sites_digest": sites_digest(sites)}
+    converted = [c for c, dtype in enumerate(fmt.dtypes) if conversion.needs_conversion(dtype)]
+    return Plan(sites, fmt, num_shards, shard_file_names(num_shards), shard_blocks(len(sites), num_shards),
+                converted, json.loads(json.dumps(spec)))
 
+
+def build_dataset(source: Source, out_dir: str | os.PathLike, options: BuildOptions = BuildOptions()) -> BuildReport:
+    """Builds (or resumes) the crop dataset of `source` at `out_dir`. Raises BuildError on bad sites."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    check_writable(out_dir, options.overwrite)
+    plan = plan_build(source, options)
     work_dir = out_dir.parent / f".{out_dir.name}.build"
     if options.restart and work_dir.exists():
         shutil.rmtree(work_dir)
-    spec = {"source": source.describe(), "channels": channels, "options": options.spec(), "num_shards": num_shards,
-            "site_format": fmt.to_json(), "num_sites": len(sites), "sites_digest": sites_digest(sites)}
-    _open_work_dir(work_dir, spec)
+    _open_work_dir(work_dir, plan.spec)
 
-    converted = [c for c, dtype in enumerate(fmt.dtypes) if conversion.needs_conversion(dtype)]
     with _Workers(options.workers) as workers:
-        levels = _conversion_levels(work_dir, sites, converted, fmt, options, workers, channels)
-        done = {s for s in range(num_shards) if (work_dir / SHARD_DIR / f"{shard_names[s]}.parquet").exists()}
-        tasks = [ShardTask(str(work_dir), s, num_shards, tuple(sites[blocks[s]:blocks[s + 1]]), tuple(channels), fmt,
-                           options.crop, _levels_for(levels, sites[blocks[s]:blocks[s + 1]]), options.seed,
-                           options.skip_bad_sites)
-                 for s in range(num_shards) if s not in done]
+        levels = _conversion_levels(work_dir, plan, options, workers)
+        done = {s for s, name in enumerate(plan.shard_names) if (work_dir / SHARD_DIR / f"{name}.parquet").exists()}
+        tasks = [shard_task(plan, s, levels, options, str(work_dir)) for s in range(plan.num_shards) if s not in done]
         if done:
-            _say(options, f"resuming {work_dir}: {len(done)} of {num_shards} shards finished, {len(tasks)} to build")
+            _say(options, f"resuming {work_dir}: {len(done)} of {plan.num_shards} shards finished, "
+                          f"{len(tasks)} to build")
         bar = Progress(sum(len(t.sites) for t in tasks), "crops", "sites", enabled=options.progress)
         results = workers.run(build_shard, tasks, bar)
         bar.close()
@@ -183,10 +200,29 @@ def build_dataset(source: Source, out_dir: str | os.PathLike, options: BuildOpti
     if failed:
         bad = sorted((b for r in failed for b in r.bad_sites), key=lambda b: b["site"])
         _write_json(work_dir / BAD_SITES_FILE, bad)
-        raise BuildError(_failure_summary(bad, work_dir, len(failed), num_shards))
-    report = _finish(source, out_dir, work_dir, spec, shard_names, fmt, levels, converted, options)
-    return dataclasses.replace(report, shards_built=len(tasks), shards_reused=len(done),
-                               seconds=time.perf_counter() - start)
+        raise BuildError(failure_summary(bad, work_dir / BAD_SITES_FILE, len(failed), plan.num_shards))
+    tables = [pd.read_parquet(work_dir / SHARD_DIR / f"{name}.parquet") for name in plan.shard_names]
+    skipped = [b for name in plan.shard_names for b in json.loads((work_dir / SHARD_DIR / f"{name}.bad.json").read_text())]
+    levels_file = work_dir / conversion.LEVELS_FILE
+    files = finished_files(plan, options, tables, skipped, levels_file.read_bytes() if levels_file.exists() else None,
+                           where=str(work_dir))
+    for rel_path, content in files.items():  # manifest last
+        (work_dir / rel_path).parent.mkdir(parents=True, exist_ok=True)
+        (work_dir / rel_path).write_bytes(content)
+    shutil.rmtree(work_dir / SHARD_DIR)
+    (work_dir / SPEC_FILE).unlink()
+    (work_dir / BAD_SITES_FILE).unlink(missing_ok=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # check_writable allowed it: overwrite of a dataset, or an empty directory
+    work_dir.rename(out_dir)
+    return BuildReport(out_dir, len(plan.sites), int(sum(len(t) for t in tables)), skipped, len(tasks), len(done),
+                       time.perf_counter() - start)
+
+
+def shard_task(plan: Plan, shard: int, levels: dict, options: BuildOptions, work_dir: str) -> ShardTask:
+    sites = plan.shard_sites(shard)
+    return ShardTask(work_dir, shard, plan.num_shards, tuple(sites), tuple(plan.spec["channels"]), plan.fmt,
+                     options.crop, _levels_for(levels, sites), options.seed, options.skip_bad_sites)
 
 
 def shard_blocks(num_sites: int, num_shards: int) -> list[int]:
@@ -292,24 +328,35 @@ def plate_levels(sites: Sequence[Site], fmt: SiteFormat, converted: Sequence[int
     return per_channel
 
 
-def _conversion_levels(work_dir: Path, sites, converted, fmt, options: BuildOptions, workers, channels):
+def _conversion_levels(work_dir: Path, plan: Plan, options: BuildOptions, workers) -> dict:
     """Per-plate levels, computed once per build (then read back: a resumed build must reuse them)."""
     path = work_dir / conversion.LEVELS_FILE
-    if not converted:
+    if not plan.converted:
         return {}
     if path.exists():
         return json.loads(path.read_text())["plates"]
-    by_plate: dict[str, list[Site]] = {}
-    for site in sites:
-        by_plate.setdefault(site.plate_key, []).append(site)
-    tasks = [(plate_sites, fmt, converted, options.conversion, options.seed) for plate_sites in by_plate.values()]
+    tasks = plate_tasks(plan, options)
     bar = Progress(len(tasks), "levels", "plates", enabled=options.progress and options.conversion.kind != "fixed")
     found = workers.run(_plate_levels_task, tasks, bar)
     bar.close()
-    levels = {plate: value for plate, value in zip(by_plate, found) if value is not None}
-    _write_json(path, {"rule": options.conversion.to_json(), "channels": channels,
-                       "converted_channels": [channels[c] for c in converted], "plates": levels})
+    levels = {task[0][0].plate_key: value for task, value in zip(tasks, found) if value is not None}
+    path.write_bytes(levels_file(plan, options, levels))
     return levels
+
+
+def plate_tasks(plan: Plan, options: BuildOptions) -> list[tuple]:
+    """One `plate_levels` argument tuple per plate, in first-seen order."""
+    by_plate: dict[str, list[Site]] = {}
+    for site in plan.sites:
+        by_plate.setdefault(site.plate_key, []).append(site)
+    return [(sites, plan.fmt, plan.converted, options.conversion, options.seed) for sites in by_plate.values()]
+
+
+def levels_file(plan: Plan, options: BuildOptions, levels: dict) -> bytes:
+    channels = plan.spec["channels"]
+    return (json.dumps({"rule": options.conversion.to_json(), "channels": channels,
+                        "converted_channels": [channels[c] for c in plan.converted], "plates": levels},
+                       indent=1) + "\n").encode()
 
 
 def _plate_levels_task(task, report=lambda n, **notes: None):
@@ -322,55 +369,45 @@ def _levels_for(levels: dict, sites: Sequence[Site]) -> dict:
     return {key: levels[key] for key in {s.plate_key for s in sites} if key in levels}
 
 
-def _finish(source: Source, out_dir: Path, work_dir: Path, spec, shard_names, fmt: SiteFormat, levels, converted,
-            options: BuildOptions) -> BuildReport:
-    tables, skipped = [], []
-    for name in shard_names:
-        tables.append(pd.read_parquet(work_dir / SHARD_DIR / f"{name}.parquet"))
-        skipped += json.loads((work_dir / SHARD_DIR / f"{name}.bad.json").read_text())
-    rows = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) else None
-    if rows is None:
-        raise BuildError(f"{work_dir}: every site was skipped; no crops to write")
-    channels = spec["channels"]
-    crop_shape = (len(channels), options.crop.size, options.crop.size)
-    conversion_info = {**options.conversion.to_json(), "converted_channels": [channels[c] for c in converted],
-                       "levels_file": conversion.LEVELS_FILE if converted else None}
+def finished_files(plan: Plan, options: BuildOptions, tables: list[pd.DataFrame], skipped: list[dict],
+                   levels: bytes | None, where: str) -> dict[str, bytes]:
+    """Metadata table, manifest and conversion.json from the shards' metadata rows and bad-site lists."""
+    filled = [t for t in tables if len(t)]
+    if not filled:
+        raise BuildError(f"{where}: every site was skipped; no crops to write")
+    spec, fmt, channels = plan.spec, plan.fmt, plan.spec["channels"]
     manifest_extra = {
         "sources": [spec["source"]],
         "crops": {**options.crop.to_json(), "tile_order": "row-major", "crops_per_site":
                   options.crop.count(*fmt.size) if fmt.size or options.crop.mode == "random" else None},
-        "conversion": conversion_info,
+        "conversion": {**options.conversion.to_json(), "converted_channels": [channels[c] for c in plan.converted],
+                       "levels_file": conversion.LEVELS_FILE if plan.converted else None},
         "site_format": fmt.to_json(),
         "num_sites": spec["num_sites"],
         "num_sites_skipped": len(skipped),
         "skipped_sites": sorted(skipped, key=lambda b: b["site"]),
         "shard_assignment": "contiguous blocks of sites in source order",
     }
-    params = {"seed": options.seed, "num_shards": len(shard_names), "records_per_shard": options.records_per_shard,
+    params = {"seed": options.seed, "num_shards": plan.num_shards, "records_per_shard": options.records_per_shard,
               "image_size": spec["options"]["image_size"], "skip_bad_sites": options.skip_bad_sites}
-    extra = {conversion.LEVELS_FILE: (work_dir / conversion.LEVELS_FILE).read_bytes()} if converted else {}
-    files = dataset_files(rows, shard_names, crop_shape, name=options.name or source.kind, source=source.module,
-                          channels=channels, params=params, manifest_extra=manifest_extra, extra_files=extra)
-    for rel_path, content in files.items():  # manifest last
-        (work_dir / rel_path).parent.mkdir(parents=True, exist_ok=True)
-        (work_dir / rel_path).write_bytes(content)
-    shutil.rmtree(work_dir / SHARD_DIR)
-    (work_dir / SPEC_FILE).unlink()
-    (work_dir / BAD_SITES_FILE).unlink(missing_ok=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # check_writable allowed it: overwrite of a dataset, or an empty directory
-    work_dir.rename(out_dir)
-    return BuildReport(out_dir, spec["num_sites"], len(rows), skipped, 0, 0, 0.0)
+    return dataset_files(pd.concat(filled, ignore_index=True), plan.shard_names,
+                         (len(channels), options.crop.size, options.crop.size), name=options.name or spec["kind"],
+                         source=spec["module"], channels=channels, params=params, manifest_extra=manifest_extra,
+                         extra_files={conversion.LEVELS_FILE: levels} if levels is not None else None)
+
+
+def check_same_build(previous: dict, spec: dict, where: str) -> None:
+    """A build directory may only be resumed with the settings it was started with."""
+    if previous != spec:
+        changed = sorted(k for k in set(spec) | set(previous) if previous.get(k) != spec.get(k))
+        raise BuildError(f"{where} holds an unfinished build with other settings (differs in {changed}); "
+                         f"re-run with the same options to resume it, or with --restart to start over")
 
 
 def _open_work_dir(work_dir: Path, spec: dict) -> None:
     spec_path = work_dir / SPEC_FILE
     if spec_path.exists():
-        previous, spec = json.loads(spec_path.read_text()), json.loads(json.dumps(spec))  # as JSON sees it
-        if previous != spec:
-            changed = sorted(k for k in set(spec) | set(previous) if previous.get(k) != spec.get(k))
-            raise BuildError(f"{work_dir} holds an unfinished build with other settings (differs in {changed}); "
-                             f"re-run with the same options to resume it, or with --restart to start over")
+        check_same_build(json.loads(spec_path.read_text()), spec, str(work_dir))
         for stale in work_dir.glob("*.tmp"):  # a shard a killed run was writing
             stale.unlink()
         return
@@ -380,13 +417,13 @@ def _open_work_dir(work_dir: Path, spec: dict) -> None:
     _write_json(spec_path, spec)
 
 
-def _failure_summary(bad: list[dict], work_dir: Path, failed_shards: int, num_shards: int) -> str:
+def failure_summary(bad: list[dict], listing: Path | str, failed_shards: int, num_shards: int) -> str:
     files = [(b["site"], f["path"], f["reason"]) for b in bad for f in b["files"]]
     lines = [f"{len(bad)} bad sites ({len(files)} bad files):"]
     lines += [f"  {site}: {path}: {reason}" for site, path, reason in files[:SUMMARY_LINES]]
     if len(files) > SUMMARY_LINES:
         lines.append(f"  ... and {len(files) - SUMMARY_LINES} more")
-    lines.append(f"All are listed in {work_dir / BAD_SITES_FILE}. The {failed_shards} shards holding them were not "
+    lines.append(f"All are listed in {listing}. The {failed_shards} shards holding them were not "
                  f"kept; the other {num_shards - failed_shards} are finished and will not be rebuilt.")
     lines.append("Fix the files and re-run the same command, or re-run it with --skip-bad-sites to leave these "
                  "sites out (they are then listed in the manifest's skipped_sites).")

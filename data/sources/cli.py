@@ -69,6 +69,14 @@ def names(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def main(doc: str, add_arguments, from_args, argv: list[str] | None = None) -> int:
+    """A source's command: shared options + `add_arguments(parser)`; `from_args(args)` makes the Source."""
+    p = parser(doc.split("\n\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run(lambda: from_args(args), args)
+
+
 def run(make_source, args: argparse.Namespace) -> int:
     """Builds; prints a summary, or the error (bad files and all) and exits non-zero."""
     try:

@@ -67,15 +67,20 @@ class GenericCSV(Source):
                 "channel_columns": self.channels, "control_labels": list(self.control_labels)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = cli.parser(__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
     p.add_argument("--csv", required=True, help="one row per site")
     p.add_argument("--channels", required=True, help="comma-separated channel columns, in record order")
     p.add_argument("--source-dir", help="folder relative file paths start from (default: the CSV's)")
     p.add_argument("--control-labels", default="", help="perturbations that are controls (without is_control)")
-    args = p.parse_args(argv)
-    return cli.run(lambda: GenericCSV(args.csv, cli.names(args.channels), source_dir=args.source_dir,
-                                      control_labels=tuple(cli.names(args.control_labels) or ())), args)
+
+
+def from_args(args) -> GenericCSV:
+    return GenericCSV(args.csv, cli.names(args.channels), source_dir=args.source_dir,
+                      control_labels=tuple(cli.names(args.control_labels) or ()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(__doc__, add_arguments, from_args, argv)
 
 
 if __name__ == "__main__":

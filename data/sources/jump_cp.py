@@ -147,8 +147,7 @@ class JumpCP(Source):
                 "perturbation_column": self.perturbation_column, "control_labels": list(self.control_labels)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = cli.parser(__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--source-dir", help="searched recursively for per-plate load_data tables")
     src.add_argument("--load-data", nargs="+", help="load_data tables to read")
@@ -160,19 +159,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perturbations", nargs="*", default=[], help="crispr/orf/compound tables: Metadata_JCP2022 -> name")
     p.add_argument("--perturbation-column", default="Metadata_Symbol")
     p.add_argument("--control-labels", default=",".join(CONTROL_LABELS))
-    args = p.parse_args(argv)
-    path_map = []
-    for item in args.path_map:
-        if "=" not in item:
-            p.error(f"--path-map takes OLD=NEW, got {item!r}")
-        path_map.append(tuple(item.split("=", 1)))
 
-    def make():
-        load_data = args.load_data or JumpCP.find_load_data(args.source_dir)
-        return JumpCP(load_data, channels=cli.names(args.channels), illum=not args.no_illum, path_map=path_map,
-                      wells=args.wells, perturbations=args.perturbations, perturbation_column=args.perturbation_column,
-                      control_labels=tuple(cli.names(args.control_labels)))
-    return cli.run(make, args)
+
+def from_args(args) -> JumpCP:
+    bad = [item for item in args.path_map if "=" not in item]
+    if bad:
+        raise tables.TableError(f"--path-map takes OLD=NEW, got {bad}")
+    return JumpCP(args.load_data or JumpCP.find_load_data(args.source_dir), channels=cli.names(args.channels),
+                  illum=not args.no_illum, path_map=[tuple(item.split("=", 1)) for item in args.path_map],
+                  wells=args.wells, perturbations=args.perturbations, perturbation_column=args.perturbation_column,
+                  control_labels=tuple(cli.names(args.control_labels)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(__doc__, add_arguments, from_args, argv)
 
 
 if __name__ == "__main__":

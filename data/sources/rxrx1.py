@@ -71,17 +71,21 @@ class RxRx1(Source):
                 "channel_files": "{well}_s{site}_w{1..6}.png"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = cli.parser(__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
     p.add_argument("--source-dir", required=True, help="folder holding metadata.csv and images/")
     p.add_argument("--metadata", default="metadata.csv", help="relative to --source-dir")
     p.add_argument("--images", default="images", help="relative to --source-dir")
     p.add_argument("--channel-names", help=f"comma-separated names of w1..w6 (default {','.join(RXRX_STAINS)})")
     p.add_argument("--experiments", help="comma-separated experiments to build (default all)")
-    args = p.parse_args(argv)
-    return cli.run(lambda: RxRx1(args.source_dir, metadata=args.metadata, images=args.images,
-                                 channel_names=cli.names(args.channel_names),
-                                 experiments=cli.names(args.experiments)), args)
+
+
+def from_args(args) -> RxRx1:
+    return RxRx1(args.source_dir, metadata=args.metadata, images=args.images,
+                 channel_names=cli.names(args.channel_names), experiments=cli.names(args.experiments))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(__doc__, add_arguments, from_args, argv)
 
 
 if __name__ == "__main__":

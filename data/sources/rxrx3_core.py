@@ -112,8 +112,7 @@ class RxRx3Core(Source):
                 "perturbation_columns": list(self.perturbation_columns), "control_labels": list(self.control_labels)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = cli.parser(__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
     p.add_argument("--source-dir", required=True, help="the dataset folder (holding data/ and the metadata CSV)")
     p.add_argument("--shards", default="data/*.parquet", help="glob of the image shards, relative to --source-dir")
     p.add_argument("--metadata", default="metadata_rxrx3_core.csv", help="relative to --source-dir")
@@ -122,11 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--perturbation-columns", default="gene,treatment", help="first non-empty one is the perturbation")
     p.add_argument("--control-labels", default="EMPTY_control")
     p.add_argument("--channel-names", help=f"comma-separated names of channels 1..6 (default {','.join(RXRX_STAINS)})")
-    args = p.parse_args(argv)
-    return cli.run(lambda: RxRx3Core(
-        args.source_dir, shards=args.shards, metadata=args.metadata, key_column=args.key_column,
-        image_column=args.image_column, perturbation_columns=tuple(cli.names(args.perturbation_columns)),
-        control_labels=tuple(cli.names(args.control_labels)), channel_names=cli.names(args.channel_names)), args)
+
+
+def from_args(args) -> RxRx3Core:
+    return RxRx3Core(args.source_dir, shards=args.shards, metadata=args.metadata, key_column=args.key_column,
+                     image_column=args.image_column, perturbation_columns=tuple(cli.names(args.perturbation_columns)),
+                     control_labels=tuple(cli.names(args.control_labels)), channel_names=cli.names(args.channel_names))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(__doc__, add_arguments, from_args, argv)
 
 
 if __name__ == "__main__":
