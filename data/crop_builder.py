@@ -188,7 +188,8 @@ def build_dataset(source: Source, out_dir: str | os.PathLike, options: BuildOpti
     with _Workers(options.workers) as workers:
         levels = _conversion_levels(work_dir, plan, options, workers)
         done = {s for s, name in enumerate(plan.shard_names) if (work_dir / SHARD_DIR / f"{name}.parquet").exists()}
-        tasks = [shard_task(plan, s, levels, options, str(work_dir)) for s in range(plan.num_shards) if s not in done]
+        tasks = [shard_task(plan, s, plan.shard_sites(s), levels, options, str(work_dir))
+                 for s in range(plan.num_shards) if s not in done]
         if done:
             _say(options, f"resuming {work_dir}: {len(done)} of {plan.num_shards} shards finished, "
                           f"{len(tasks)} to build")
@@ -219,8 +220,8 @@ def build_dataset(source: Source, out_dir: str | os.PathLike, options: BuildOpti
                        time.perf_counter() - start)
 
 
-def shard_task(plan: Plan, shard: int, levels: dict, options: BuildOptions, work_dir: str) -> ShardTask:
-    sites = plan.shard_sites(shard)
+def shard_task(plan: Plan, shard: int, sites: Sequence[Site], levels: dict, options: BuildOptions,
+               work_dir: str) -> ShardTask:
     return ShardTask(work_dir, shard, plan.num_shards, tuple(sites), tuple(plan.spec["channels"]), plan.fmt,
                      options.crop, _levels_for(levels, sites), options.seed, options.skip_bad_sites)
 
@@ -355,7 +356,8 @@ def plate_tasks(plan: Plan, options: BuildOptions) -> list[tuple]:
 def levels_file(plan: Plan, options: BuildOptions, levels: dict) -> bytes:
     channels = plan.spec["channels"]
     return (json.dumps({"rule": options.conversion.to_json(), "channels": channels,
-                        "converted_channels": [channels[c] for c in plan.converted], "plates": levels},
+                        "converted_channels": [channels[c] for c in plan.converted],
+                        "plates": dict(sorted(levels.items()))},
                        indent=1) + "\n").encode()
 
 
