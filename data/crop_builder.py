@@ -203,7 +203,8 @@ def build_dataset(source: Source, out_dir: str | os.PathLike, options: BuildOpti
         _write_json(work_dir / BAD_SITES_FILE, bad)
         raise BuildError(failure_summary(bad, work_dir / BAD_SITES_FILE, len(failed), plan.num_shards))
     tables = [pd.read_parquet(work_dir / SHARD_DIR / f"{name}.parquet") for name in plan.shard_names]
-    skipped = [b for name in plan.shard_names for b in json.loads((work_dir / SHARD_DIR / f"{name}.bad.json").read_text())]
+    skipped = [b for name in plan.shard_names
+               for b in json.loads((work_dir / SHARD_DIR / f"{name}.bad.json").read_text())]
     levels_file = work_dir / conversion.LEVELS_FILE
     files = finished_files(plan, options, tables, skipped, levels_file.read_bytes() if levels_file.exists() else None,
                            where=str(work_dir))

@@ -26,7 +26,8 @@ class CropSpec:
             raise ValueError(f"a {height}x{width} site is smaller than the {s}x{s} crop")
         if self.mode == "tile":
             return [(r * s, c * s) for r in range(height // s) for c in range(width // s)]
-        return [(int(rng.integers(height - s + 1)), int(rng.integers(width - s + 1))) for _ in range(self.random_per_site)]
+        return [(int(rng.integers(height - s + 1)), int(rng.integers(width - s + 1)))
+                for _ in range(self.random_per_site)]
 
     def count(self, height: int, width: int) -> int:
         return (height // self.size) * (width // self.size) if self.mode == "tile" else self.random_per_site

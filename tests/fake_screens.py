@@ -39,7 +39,8 @@ def rxrx1(root: Path, *, experiments=("HUVEC-01", "RPE-02"), plates=(1, 2), well
             for w, well in enumerate(wells):
                 for site in sites:
                     control = w == 0
-                    rows.append({"site_id": f"{experiment}_{plate}_{well}_{site}", "well_id": f"{experiment}_{plate}_{well}",
+                    rows.append({"site_id": f"{experiment}_{plate}_{well}_{site}",
+                                 "well_id": f"{experiment}_{plate}_{well}",
                                  "cell_type": experiment.split("-")[0], "dataset": "train", "experiment": experiment,
                                  "plate": plate, "well": well, "site": site,
                                  "well_type": "negative_control" if control else "treatment",
@@ -98,7 +99,8 @@ def rxrx3_core(root: Path, *, seed: int = 0, corrupt: dict[str, bytes] | None = 
 JUMP_CHANNELS = ["Mito", "AGP", "RNA", "ER", "DNA", "Brightfield"]
 JUMP_PLATES = {"BR0001": "2021_04_26_Batch1", "BR0002": "2021_05_03_Batch2"}
 JUMP_WELLS = {"A01": "JCP2022_800001", "A02": "JCP2022_033924", "B01": "JCP2022_900002"}
-S3 = "s3://cellpainting-gallery/cpg0016-jump/source_4/images/"
+S3_ROOT = "s3://cellpainting-gallery/cpg0016-jump/source_4/"  # tests map it to the fake screen's root
+S3 = S3_ROOT + "images/"
 
 
 def jump(root: Path, *, seed: int = 0, sites=(1, 2)) -> tuple[Path, dict[str, np.ndarray]]:

@@ -135,8 +135,9 @@ def test_rxrx3_core_corrupt_and_missing_images(tmp_path):
                                                                       image_size=(64, 64)))
     message = str(error.value)
     assert "3 bad sites" in message
-    assert "gene-001/Plate1/AA03/s1: " + str(root / "data" / "train-00000-of-00002.parquet") + "[row 7]: undecodable" in message
-    assert "compound-003/Plate7/C05/s1: " + str(root / "data/*.parquet") + ": no image keyed compound-003/Plate7/C05_s1_4" in message
+    shard = root / "data" / "train-00000-of-00002.parquet"
+    assert f"gene-001/Plate1/AA03/s1: {shard}[row 7]: undecodable" in message
+    assert f"compound-003/Plate7/C05/s1: {root / 'data/*.parquet'}: no image keyed compound-003/Plate7/C05_s1_4" in message
     assert f"gene-001/Plate2/AB04/s1: {meta}: no row for experiment_name=gene-001 plate=2 address=AB04" in message
 
 
@@ -148,7 +149,7 @@ def test_jump_missing_illumination_and_empty_file_name(tmp_path):
     text = table.read_text().replace("rA01f01p01-ch5sk1fk1fl1.tiff", "")
     table.write_text(text)
     source = JumpCP(JumpCP.find_load_data(root / "workspace"),
-                    path_map=[("s3://cellpainting-gallery/cpg0016-jump/source_4/", f"{root}/")])
+                    path_map=[(fake_screens.S3_ROOT, f"{root}/")])
     with pytest.raises(BuildError) as error:
         build_dataset(source, tmp_path / "out", BuildOptions(crop=CropSpec(size=32), progress=False))
     message = str(error.value)

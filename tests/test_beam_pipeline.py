@@ -40,7 +40,7 @@ def test_beam_matches_the_local_build(tmp_path):
 def test_beam_16bit_levels_match(tmp_path):
     root, _ = fake_screens.jump(tmp_path / "src", sites=(1,))
     source = lambda: JumpCP(JumpCP.find_load_data(root / "workspace"),  # noqa: E731
-                            path_map=[("s3://cellpainting-gallery/cpg0016-jump/source_4/", f"{root}/")])
+                            path_map=[(fake_screens.S3_ROOT, f"{root}/")])
     options = BuildOptions(crop=CropSpec(size=32), num_shards=2, progress=False)
     local = build_dataset(source(), tmp_path / "local", options).path
     beam_pipeline.run(source(), str(tmp_path / "beam"), options)

@@ -47,12 +47,14 @@ def test_rxrx1_records_are_the_png_tiles(rxrx1_built):
     for rec, row in zip(recs, ds.metadata.itertuples()):
         assert rec["channels"] == RXRX_STAINS
         plate = int(rec["plate"].removeprefix("Plate"))
-        files = [fake_screens.rxrx1_file(root, rec["experiment"], plate, rec["well"], rec["site"], c) for c in range(1, 7)]
+        files = [fake_screens.rxrx1_file(root, rec["experiment"], plate, rec["well"], rec["site"], c)
+                 for c in range(1, 7)]
         site = np.stack([np.asarray(Image.open(f)) for f in files])
         y, x = divmod(rec["tile"], 2)  # row-major 2x2 tiling of a 64 px site
         assert (rec["crop_y"], rec["crop_x"]) == (32 * y, 32 * x)
         np.testing.assert_array_equal(rec["image"], site[:, 32 * y:32 * y + 32, 32 * x:32 * x + 32])
-        assert (row.experiment, row.well, row.site, row.tile) == (rec["experiment"], rec["well"], rec["site"], rec["tile"])
+        assert (row.experiment, row.well, row.site, row.tile) == tuple(rec[k] for k in ("experiment", "well", "site",
+                                                                                          "tile"))
     meta = ds.metadata
     assert set(meta.perturbation) == {"EMPTY", "s0001", "s0002"}
     assert meta.is_control.tolist() == (meta.well_type == "negative_control").tolist()
@@ -94,9 +96,9 @@ def test_same_shards_for_any_worker_count(rxrx1_built, tmp_path):
 def test_random_crops_are_seeded(rxrx1_built, tmp_path):
     root = rxrx1_built[0]
     random = CropSpec(size=24, mode="random", random_per_site=3)
-    first = build_dataset(RxRx1(root, experiments=["RPE-02"]), tmp_path / "a", options(crop=random, image_size=(64, 64), seed=5))
-    same = build_dataset(RxRx1(root, experiments=["RPE-02"]), tmp_path / "b", options(crop=random, image_size=(64, 64), seed=5))
-    other = build_dataset(RxRx1(root, experiments=["RPE-02"]), tmp_path / "c", options(crop=random, image_size=(64, 64), seed=6))
+    build = lambda out, seed: build_dataset(RxRx1(root, experiments=["RPE-02"]), tmp_path / out,  # noqa: E731
+                                            options(crop=random, image_size=(64, 64), seed=seed))
+    first, same, other = build("a", 5), build("b", 5), build("c", 6)
     a, b, c = (open_dataset(r.path).metadata for r in (first, same, other))
     assert len(a) == 12 * 3 and a.tile.max() == 2
     assert a[["crop_y", "crop_x"]].equals(b[["crop_y", "crop_x"]])
@@ -106,7 +108,8 @@ def test_random_crops_are_seeded(rxrx1_built, tmp_path):
     rec = recs[7]
     site = np.stack([np.asarray(Image.open(fake_screens.rxrx1_file(root, "RPE-02", int(rec["plate"][5:]), rec["well"],
                                                                     rec["site"], ch))) for ch in range(1, 7)])
-    np.testing.assert_array_equal(rec["image"], site[:, rec["crop_y"]:rec["crop_y"] + 24, rec["crop_x"]:rec["crop_x"] + 24])
+    y, x = rec["crop_y"], rec["crop_x"]
+    np.testing.assert_array_equal(rec["image"], site[:, y:y + 24, x:x + 24])
 
 
 def test_rxrx3_core_jpeg2000_in_parquet(tmp_path):
@@ -117,7 +120,8 @@ def test_rxrx3_core_jpeg2000_in_parquet(tmp_path):
     for rec in recs:
         key = f"{rec['experiment']}/{rec['plate']}/{rec['well']}_s1_"
         site = np.stack([images[key + str(c)] for c in range(1, 7)])
-        np.testing.assert_array_equal(rec["image"], site[:, rec["crop_y"]:rec["crop_y"] + 32, rec["crop_x"]:rec["crop_x"] + 32])
+        y, x = rec["crop_y"], rec["crop_x"]
+        np.testing.assert_array_equal(rec["image"], site[:, y:y + 32, x:x + 32])
     by_well = ds.metadata.drop_duplicates("well").set_index("well")
     assert by_well.loc["AA03", "perturbation"] == "TP53" and by_well.loc["C05", "perturbation"] == "RXCMPD-17"
     assert by_well.loc["C05", "concentration"] == 2.5 and np.isnan(by_well.loc["AA03", "concentration"])
@@ -130,8 +134,7 @@ def test_rxrx3_core_jpeg2000_in_parquet(tmp_path):
 @pytest.fixture(scope="module")
 def jump_built(tmp_path_factory):
     root, images = fake_screens.jump(tmp_path_factory.mktemp("jump"))
-    source = JumpCP(JumpCP.find_load_data(root / "workspace"), path_map=[("s3://cellpainting-gallery/cpg0016-jump/source_4/",
-                                                                          f"{root}/")],
+    source = JumpCP(JumpCP.find_load_data(root / "workspace"), path_map=[(fake_screens.S3_ROOT, f"{root}/")],
                     wells=root / "well.csv.gz", perturbations=[root / "crispr.csv.gz"])
     report = build_dataset(source, tmp_path_factory.mktemp("out") / "jump", options())
     return root, images, report

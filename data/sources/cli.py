@@ -85,7 +85,8 @@ def run(make_source, args: argparse.Namespace) -> int:
     except (BuildError, TableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    skipped = f", {len(report.skipped_sites)} bad sites skipped (listed in the manifest)" if report.skipped_sites else ""
+    skipped = (f", {len(report.skipped_sites)} bad sites skipped (listed in the manifest)"
+               if report.skipped_sites else "")
     reused = f", {report.shards_reused} shards reused" if report.shards_reused else ""
     print(f"wrote {report.num_records} crops from {report.num_sites} sites to {report.path} in {report.seconds:.1f} s"
           f"{skipped}{reused}")

@@ -156,7 +156,8 @@ def add_arguments(p) -> None:
     p.add_argument("--path-map", action="append", default=[], metavar="OLD=NEW",
                    help="rewrite PathName prefixes, e.g. s3://cellpainting-gallery/=/data/ (repeatable)")
     p.add_argument("--wells", help="well.csv(.gz): Metadata_Plate, Metadata_Well -> Metadata_JCP2022")
-    p.add_argument("--perturbations", nargs="*", default=[], help="crispr/orf/compound tables: Metadata_JCP2022 -> name")
+    p.add_argument("--perturbations", nargs="*", default=[],
+                   help="crispr/orf/compound tables: Metadata_JCP2022 -> name")
     p.add_argument("--perturbation-column", default="Metadata_Symbol")
     p.add_argument("--control-labels", default=",".join(CONTROL_LABELS))
 

@@ -20,7 +20,8 @@ from data.sites import ChannelRef, Site
 from data.sources import cli, tables
 from data.sources.rxrx1 import RXRX_STAINS
 
-KEY = re.compile(r"^(?P<experiment>[^/]+)/Plate(?P<plate>[^/]+)/(?P<address>[A-Za-z]+\d+)_s(?P<site>\d+)_(?P<channel>\d+)$")
+KEY = re.compile(r"^(?P<experiment>[^/]+)/Plate(?P<plate>[^/]+)/(?P<address>[A-Za-z]+\d+)"
+                 r"_s(?P<site>\d+)_(?P<channel>\d+)$")
 COLUMNS = ("experiment_name", "plate", "address")
 EXTRA_COLUMNS = ("well_id", "gene", "treatment", "SMILES", "perturbation_type", "cell_type", "well_type_label")
 
@@ -49,7 +50,8 @@ class RxRx3Core(Source):
             where = (self.metadata, row_number + 2)
             key = tuple(tables.required_text(row[c], *where, c) for c in COLUMNS)
             if key in wells:
-                raise tables.TableError(f"{self.metadata}: rows {wells[key][0]} and {row_number + 2} are both well {key}")
+                raise tables.TableError(f"{self.metadata}: lines {wells[key][0]} and {row_number + 2} are both "
+                                        f"well {key}")
             wells[key] = (row_number + 2, row)
         # Storage order (the first image of each well), then metadata wells that have no image at all.
         order = list(images) + sorted(set(wells) - set(images))
@@ -101,7 +103,7 @@ class RxRx3Core(Source):
                 raise tables.TableError(f"{self.metadata}: row {line} has none of {list(self.perturbation_columns)}")
             meta.update(perturbation=perturbation,
                         is_control=any(str(v) in self.control_labels for v in values),
-                        concentration=tables.number(row["concentration"]) if "concentration" in row.index else float("nan"),
+                        concentration=tables.number(row.get("concentration", "")),
                         **tables.extras(row, EXTRA_COLUMNS, rename={"SMILES": "smiles"}))
         channels = tuple(refs.get(c) for c in range(1, len(self.channels) + 1))
         return Site(f"{experiment}/Plate{plate}/{address}/s1", meta, channels, tuple(problems))
