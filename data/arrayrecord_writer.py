@@ -22,7 +22,6 @@ two halves separately: `write_shard` fills one shard file and returns its metada
 """
 from __future__ import annotations
 
-import collections
 import importlib.metadata
 import io
 import json

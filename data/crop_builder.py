@@ -47,7 +47,6 @@ from data.conversion import ConversionRule
 from data.cropping import CropSpec
 from data.progress import Progress
 from data.sites import Site, SiteFormat, keyed_rng, read_site
-from maejax.records import LAYOUT
 
 SPEC_FILE = "build.json"
 SHARD_DIR = "_shards"
