@@ -115,7 +115,8 @@ def _otsu_thresholds(hist: np.ndarray) -> np.ndarray:
     mean0 = m0 / np.maximum(w0, 1)
     mean1 = (m0[:, -1:] - m0) / np.maximum(w1, 1)
     between = w0 * w1 * (mean0 - mean1) ** 2
-    return between.argmax(axis=1)
+    # a single grey level has no split: threshold at the top so nothing is foreground
+    return np.where(between.max(axis=1) > 0, between.argmax(axis=1), 255)
 
 
 def _shape(dna: np.ndarray, hist: np.ndarray, min_area: int) -> np.ndarray:
