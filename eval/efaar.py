@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+from scipy import linalg
 
 CHUNK_ROWS = 32768  # rows per streamed chunk: ~200 MB of float32 at 1664 features
 
@@ -78,6 +79,28 @@ def _scaler(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> tuple[np.nd
     return mean, scale
 
 
+def _pieces(codes: np.ndarray, num_groups: int, chunk_rows: int):
+    """(rows, group) pieces of at most chunk_rows rows from one group each. `rows` is a slice (a
+    view, no copy) when the group's rows are contiguous, as in batch-sorted data, else indices."""
+    for g in range(num_groups):
+        idx = np.flatnonzero(codes == g)
+        if len(idx) == 0:
+            raise ValueError(f"batch #{g} has no rows")
+        contiguous = idx[-1] - idx[0] + 1 == len(idx)
+        for start in range(0, len(idx), chunk_rows):
+            part = idx[start:start + chunk_rows]
+            yield (slice(part[0], part[-1] + 1) if contiguous else part), g
+
+
+def _use_jax(backend: str) -> bool:
+    """'numpy' streams through host buffers (fastest on CPU: no host->device copies, and numpy's
+    syrk does half the flops of a dot for z^T z); 'jax' runs jitted chunk kernels (accelerators);
+    'auto' picks jax only when jax's default device is not a CPU."""
+    if backend not in ("auto", "numpy", "jax"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'jax', got {backend!r}")
+    return backend == "jax" or (backend == "auto" and jax.default_backend() != "cpu")
+
+
 @functools.partial(jax.jit, static_argnames="num_groups")
 def _moments_kernel(x, codes, shift, num_groups: int):
     """Per-group row count, sum and sum of squares of x - shift[group]."""
@@ -87,30 +110,43 @@ def _moments_kernel(x, codes, shift, num_groups: int):
             jax.ops.segment_sum(centered * centered, codes, num_groups))
 
 
-def batch_moments(x: np.ndarray, codes: np.ndarray, num_groups: int,
-                  chunk_rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def batch_moments(x: np.ndarray, codes: np.ndarray, num_groups: int, chunk_rows: int = CHUNK_ROWS,
+                  backend: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-group count, mean and biased variance of the rows of x (float64), streamed in chunks.
 
-    Pass 1 gives a rough mean; pass 2 sums deviations from it and corrects both the mean and the
-    variance with them (sklearn's `_incremental_mean_and_var` does the same correction), so float32
-    inputs keep their precision even when batch offsets dwarf the spread.
+    Deviations are summed from a shift near the mean (the group's first chunk mean) and both the
+    mean and the variance are corrected with them (sklearn's `_incremental_mean_and_var` does the
+    same), so float32 keeps its precision even when batch offsets dwarf the spread.
     """
-    dt = x.dtype
-    with _precision(dt):
-        rough = jnp.zeros((num_groups, x.shape[1]), dt)
-        count, total = 0.0, 0.0
-        for sl in _chunks(len(x), chunk_rows):
-            c, s, _ = _moments_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), rough, num_groups)
-            count, total = count + np.asarray(c, np.float64), total + np.asarray(s, np.float64)
+    dt, d = x.dtype, x.shape[1]
+    count = np.zeros(num_groups)
+    shift, dev, sq = np.zeros((num_groups, d)), np.zeros((num_groups, d)), np.zeros((num_groups, d))
+    if _use_jax(backend):
+        with _precision(dt):
+            for g in range(num_groups):   # shift: the mean of each group's first rows
+                rows = np.flatnonzero(codes == g)[:chunk_rows]
+                shift[g] = x[rows].mean(axis=0, dtype=np.float64) if len(rows) else 0.0
+            shift_j = jnp.asarray(shift, dt)
+            for sl in _chunks(len(x), chunk_rows):
+                c, s, s2 = _moments_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), shift_j, num_groups)
+                count, dev, sq = count + np.asarray(c), dev + np.asarray(s), sq + np.asarray(s2)
+        shift = shift.astype(dt).astype(np.float64)
         if (count == 0).any():
-            raise ValueError("a batch has no rows")
-        rough = total / count[:, None]
-        dev, sq = 0.0, 0.0
-        shift = jnp.asarray(rough, dt)
-        for sl in _chunks(len(x), chunk_rows):
-            _, s, s2 = _moments_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), shift, num_groups)
-            dev, sq = dev + np.asarray(s, np.float64), sq + np.asarray(s2, np.float64)
-    shift = np.asarray(shift, np.float64)
+            raise ValueError(f"batch #{int(np.argmin(count))} has no rows")
+    else:
+        buf = np.empty((min(chunk_rows, len(x)), d), dt)
+        seen = np.zeros(num_groups, bool)
+        for rows, g in _pieces(codes, num_groups, chunk_rows):
+            piece = x[rows]
+            if not seen[g]:
+                seen[g] = True
+                shift[g] = piece.mean(axis=0, dtype=np.float64).astype(dt)
+            z = buf[:len(piece)]
+            np.subtract(piece, shift[g].astype(dt), out=z)
+            count[g] += len(piece)
+            dev[g] += z.sum(axis=0, dtype=np.float64)
+            np.square(z, out=z)
+            sq[g] += z.sum(axis=0, dtype=np.float64)
     mean = shift + dev / count[:, None]
     var = np.maximum((sq - dev ** 2 / count[:, None]) / count[:, None], 0.0)
     return count, mean, var
@@ -165,7 +201,8 @@ class PCAFit:
     center: np.ndarray              # (d,) mean of the (standardised) rows
 
 
-def _pca_on_standardized(x, codes, mean, scale, n_components, chunk_rows) -> tuple[np.ndarray, PCAFit]:
+def _pca_on_standardized(x, codes, num_groups, mean, scale, n_components, chunk_rows,
+                         backend="auto") -> tuple[np.ndarray, PCAFit]:
     """Exact PCA of z = (x - mean[codes]) / scale[codes] without materialising z.
 
     The covariance is accumulated chunk by chunk, eigendecomposed in float64 and the top-k axes are
@@ -176,49 +213,86 @@ def _pca_on_standardized(x, codes, mean, scale, n_components, chunk_rows) -> tup
     if n < 2:
         raise ValueError(f"PCA needs at least 2 rows, got {n}")
     dt = x.dtype
-    with _precision(dt):
-        mean_j = jnp.asarray(mean, dt)
-        inv_j = jnp.asarray(1.0 / scale, dt)
-        gram = np.zeros((d, d))
-        total = np.zeros(d)
-        for sl in _chunks(n, chunk_rows):
-            g, s = _gram_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), mean_j, inv_j)
-            gram += np.asarray(g)
-            total += np.asarray(s)
-        center = total / n
-        cov = (gram - n * np.outer(center, center)) / (n - 1)
+    inv = 1.0 / scale
+    gram, total = np.zeros((d, d)), np.zeros(d)
+    if _use_jax(backend):
+        with _precision(dt):
+            mean_j, inv_j = jnp.asarray(mean, dt), jnp.asarray(inv, dt)
+            for sl in _chunks(n, chunk_rows):
+                g, s = _gram_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), mean_j, inv_j)
+                gram, total = gram + np.asarray(g), total + np.asarray(s)
+    else:
+        buf = np.empty((min(chunk_rows, n), d), dt)
+        for rows, g in _pieces(codes, num_groups, chunk_rows):
+            z = _standardize_into(buf, x[rows], mean[g], inv[g])
+            gram += z.T @ z          # same buffer on both sides: numpy calls syrk
+            total += z.sum(axis=0, dtype=np.float64)
+    center = total / n
+    evals, components = _top_axes((gram - n * np.outer(center, center)) / (n - 1), n_components, n)
+    out = np.empty((n, len(evals)), dt)
+    if _use_jax(backend):
+        with _precision(dt):
+            comp_j, center_j = jnp.asarray(components, dt), jnp.asarray(center, dt)
+            for sl in _chunks(n, chunk_rows):
+                out[sl] = np.asarray(_project_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]),
+                                                     mean_j, inv_j, center_j, comp_j))
+    else:
+        axes = np.ascontiguousarray(components.T, dt)
+        for rows, g in _pieces(codes, num_groups, chunk_rows):
+            out[rows] = _standardize_into(buf, x[rows], mean[g], inv[g]) @ axes
+        out -= (center @ components.T).astype(dt)    # centring after the matmul saves a pass
+    return out, PCAFit(components, evals, center)
+
+
+def _top_axes(cov: np.ndarray, n_components, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(variances, sign-fixed axes (k, d)) of the k largest eigenpairs of a covariance, float64.
+
+    When k is known up front only those eigenpairs are computed (LAPACK MRRR), which makes the
+    eigendecomposition of a 1664-dim covariance per block cheaper.
+    """
+    d = len(cov)
+    limit = min(n, d)
+    is_fraction = isinstance(n_components, float) and 0 < n_components < 1
+    k = None if is_fraction else _n_components(n_components, None, limit)
+    if k is not None and k < d:
+        evals, evecs = linalg.eigh(cov, subset_by_index=[d - k, d - 1], driver="evr")
+    else:
         evals, evecs = np.linalg.eigh(cov)
-        evals, evecs = np.maximum(evals[::-1], 0.0), evecs[:, ::-1]
-        k = _n_components(n_components, evals, min(n, d))
-        components = _flip_signs(evecs[:, :k].T)
-        out = np.empty((n, k), dt)
-        comp_j, center_j = jnp.asarray(components, dt), jnp.asarray(center, dt)
-        for sl in _chunks(n, chunk_rows):
-            out[sl] = np.asarray(_project_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), mean_j,
-                                                 inv_j, center_j, comp_j))
-    return out, PCAFit(components, evals[:k], center)
+    evals, evecs = np.maximum(evals[::-1], 0.0), evecs[:, ::-1]
+    k = k or _n_components(n_components, evals, limit)
+    return evals[:k], _flip_signs(evecs[:, :k].T)
 
 
-def pca(features: np.ndarray, n_components=128, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+def _standardize_into(buf: np.ndarray, piece: np.ndarray, mean: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """(piece - mean) * inv written into the head of a reused buffer (no allocation per chunk)."""
+    z = buf[:len(piece)]
+    np.subtract(piece, mean.astype(buf.dtype), out=z)
+    z *= inv.astype(buf.dtype)
+    return z
+
+
+def pca(features: np.ndarray, n_components=128, chunk_rows: int = CHUNK_ROWS,
+        backend: str = "auto") -> np.ndarray:
     """`sklearn.decomposition.PCA(n_components).fit_transform(features)`, exact and sign-matched."""
     x = _as_float(features, "features")
     d = x.shape[1]
-    codes = np.zeros(len(x), np.int32)
-    out, _ = _pca_on_standardized(x, codes, np.zeros((1, d)), np.ones((1, d)), n_components, chunk_rows)
+    out, _ = _pca_on_standardized(x, np.zeros(len(x), np.int32), 1, np.zeros((1, d)), np.ones((1, d)),
+                                  n_components, chunk_rows, backend)
     return out
 
 
 def embed_by_pca(features: np.ndarray, batches=None, n_components=128,
-                 chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+                 chunk_rows: int = CHUNK_ROWS, backend: str = "auto") -> np.ndarray:
     """EFAAR `embed_by_pca`: centerscale per batch on all rows, then PCA(n_components).
 
     n_components: int, None (all) or a fraction of variance to keep, as in sklearn.
+    Streams row chunks (peak memory ~ input + output + one chunk); `backend` see `_use_jax`.
     """
     x = _as_float(features, "features")
     codes, nb = _codes(batches, len(x), "batches")
-    count, mean, var = batch_moments(x, codes, nb, chunk_rows)
+    count, mean, var = batch_moments(x, codes, nb, chunk_rows, backend)
     mean, scale = _scaler(mean, var, count)
-    out, _ = _pca_on_standardized(x, codes, mean, scale, n_components, chunk_rows)
+    out, _ = _pca_on_standardized(x, codes, nb, mean, scale, n_components, chunk_rows, backend)
     return out
 
 
@@ -241,7 +315,7 @@ def _scale_on(x: np.ndarray, fit_rows: np.ndarray, where: str) -> np.ndarray:
     if len(fit_rows) == 0:
         raise ValueError(f"no control rows {where}")
     mean, scale = _fit_scaler(fit_rows)
-    return ((x - mean) / scale).astype(x.dtype)
+    return (x - mean.astype(x.dtype)) / scale.astype(x.dtype)   # stays in the input dtype
 
 
 def centerscale_on_controls(embeddings: np.ndarray, is_control, batches=None) -> np.ndarray:
@@ -276,9 +350,10 @@ def tvn_on_controls(embeddings: np.ndarray, is_control, batches=None) -> np.ndar
     controls = x[ctrl]
     if len(controls) < 2:
         raise ValueError(f"TVN needs at least 2 control rows, got {len(controls)}")
-    _, fit = _pca_on_standardized(controls, np.zeros(len(controls), np.int32),
-                                  np.zeros((1, x.shape[1])), np.ones((1, x.shape[1])), None, CHUNK_ROWS)
-    x = ((x - fit.center) @ fit.components.T).astype(x.dtype)
+    _, fit = _pca_on_standardized(controls, np.zeros(len(controls), np.int32), 1,
+                                  np.zeros((1, x.shape[1])), np.ones((1, x.shape[1])), None, CHUNK_ROWS,
+                                  backend="numpy")
+    x = (x - fit.center.astype(x.dtype)) @ fit.components.T.astype(x.dtype)
     x = _scale_on(x, x[ctrl], "in the data")
     if batches is None:
         return x
@@ -291,7 +366,7 @@ def tvn_on_controls(embeddings: np.ndarray, is_control, batches=None) -> np.ndar
             raise ValueError(f"TVN needs at least 2 control rows per batch; batch #{b} has "
                              f"{len(batch_controls)}")
         cov = np.cov(batch_controls, rowvar=False, ddof=1) + ridge
-        x[rows] = (x[rows] @ _inverse_sqrt(cov)).astype(x.dtype)
+        x[rows] = x[rows] @ _inverse_sqrt(cov).astype(x.dtype)
     return x
 
 

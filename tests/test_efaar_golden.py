@@ -72,12 +72,17 @@ def test_float32_input_stays_float32_and_close(golden):
     assert np.abs(_sign_aligned(emb, golden["emb_pca"]) - golden["emb_pca"]).max() < 1e-3
 
 
-def test_streamed_chunks_equal_one_pass(golden):
-    """The chunked PCA (as used at genome scale) gives the same answer as a single chunk."""
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_streamed_chunks_and_backends_agree(golden, backend):
+    """Chunked streaming (genome scale) and the jax kernels (accelerators) give the same PCA,
+    also when batches are interleaved rather than contiguous."""
     x, b = golden["X"], golden["batch"]
-    one = efaar.embed_by_pca(x, b, 16)
-    chunked = efaar.embed_by_pca(x, b, 16, chunk_rows=500)
+    one = efaar.embed_by_pca(x, b, 16, backend="numpy", chunk_rows=len(x))
+    chunked = efaar.embed_by_pca(x, b, 16, chunk_rows=500, backend=backend)
     assert np.abs(one - chunked).max() < 1e-11
+    perm = np.random.default_rng(0).permutation(len(x))
+    shuffled = efaar.embed_by_pca(x[perm], b[perm], 16, chunk_rows=700, backend=backend)
+    assert np.abs(shuffled - one[perm]).max() < 1e-11
 
 
 def test_variance_fraction_components(golden):
