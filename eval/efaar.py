@@ -8,16 +8,17 @@ and `build_map` chains them. Every function takes plain numpy arrays (plus label
 batches / perturbations) and returns numpy arrays in the input's float dtype, as sklearn does, so a
 float64 input reproduces the EFAAR goldens to ~1e-12 and a float32 input runs at float32 speed.
 
-The PCA is the heavy part at genome scale (322k rows x 1664 features per block): it streams the
-rows through jitted chunk kernels, so the standardised copy of the input is never materialised
-(peak memory ~ input + one chunk), and its covariance matmul runs in XLA. The rest works on
+The PCA is the heavy part at genome scale (322k rows x 1664 features per block): it streams row
+chunks (standardise, accumulate z^T z, project), so the standardised copy of the input is never
+materialised (peak memory ~ input + output + one chunk). On CPU the chunks go through reused numpy
+buffers (syrk for z^T z); on an accelerator through jitted jax kernels (`backend`). The rest works on
 (rows x components) matrices and stays in numpy.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -130,9 +131,7 @@ def batch_moments(x: np.ndarray, codes: np.ndarray, num_groups: int, chunk_rows:
             for sl in _chunks(len(x), chunk_rows):
                 c, s, s2 = _moments_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), shift_j, num_groups)
                 count, dev, sq = count + np.asarray(c), dev + np.asarray(s), sq + np.asarray(s2)
-        shift = shift.astype(dt).astype(np.float64)
-        if (count == 0).any():
-            raise ValueError(f"batch #{int(np.argmin(count))} has no rows")
+        shift = shift.astype(dt).astype(np.float64)   # the kernel subtracted the rounded shift
     else:
         buf = np.empty((min(chunk_rows, len(x)), d), dt)
         seen = np.zeros(num_groups, bool)

@@ -9,6 +9,7 @@ are metadata. Metadata may come from a separate table (`--metadata`, joined on `
 may be averaged per well first (`--average_by`) and filtered (`--where col=value`), which is what
 OpenPhenom's RxRx3-core parquet needs. report.json holds the `recall` records (EFAAR's
 known_relationship_benchmark columns), the replicate `consistency` summary, and what was run.
+`evaluate_map` is the same benchmark as a function over arrays (e.g. for every block of a model).
 """
 from __future__ import annotations
 
@@ -117,10 +118,39 @@ def _negative_controls(arg: str | None) -> list[str] | None:
     return [v for v in arg.split(",") if v]
 
 
+def evaluate_map(features: np.ndarray, perturbations, control, batches, annotations, *,
+                 pca_components=128, pca_batches=None, correction: str = "tvn", method: str = "mean",
+                 drop: Sequence = (), sources=None, thresholds=recall.RECALL_THRESHOLDS,
+                 negative_controls: Sequence | None = None, seed: int = 0):
+    """Map + benchmarks for one set of embeddings (e.g. one transformer block).
+
+    Returns ({"recall": [...], "consistency": {...}}, the PerturbationMap, the similarities used
+    for recall, e.g. to plot). The consistency null is `negative_controls` when given (EFAAR),
+    otherwise random groups of rows; replicate consistency uses the batches as replicate units.
+    """
+    perts = np.asarray(perturbations)
+    pmap = efaar.build_map(features, perts, control, batches, pca_components=pca_components,
+                           pca_batches=pca_batches, correction=correction, method=method, drop=drop)
+    sims = recall.relationship_similarities(pmap.features, pmap.labels, annotations, sources)
+    dropped = [control, *drop]
+    if negative_controls:
+        table = consistency.perturbation_consistency(pmap.embeddings, perts, negative_controls,
+                                                     drop=dropped)
+    else:
+        table = consistency.perturbation_consistency_vs_random(pmap.embeddings, perts, drop=dropped,
+                                                               seed=seed)
+    summary = {
+        "perturbation_consistency": {"null": "negative_controls" if negative_controls else "random_groups",
+                                     **consistency.consistency_summary(table)},
+        "replicate_consistency": consistency.replicate_consistency(pmap.embeddings, perts, batches,
+                                                                   drop=dropped, seed=seed),
+    }
+    return {"recall": recall.recall_table(sims, thresholds), "consistency": summary}, pmap, sims
+
+
 def run(args: argparse.Namespace) -> dict:
-    """The whole benchmark; returns the report (also written to args.out)."""
-    timings = {}
-    t0 = time.perf_counter()
+    """The whole CLI benchmark; returns the report (also written to args.out)."""
+    t = time.perf_counter()
     features, meta, _ = load_embeddings(args.features, args.metadata, args.join_on, args.where,
                                         args.average_by, args.dtype)
     perts = _check_column(meta, args.perturbation_col, "--perturbation_col", args.features).astype(str)
@@ -132,44 +162,21 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"{args.features}: control {args.control!r} does not occur in column "
                          f"{args.perturbation_col!r} (values include {examples})")
     thresholds = _parse_thresholds(args.thresholds)
-    timings["load"] = time.perf_counter() - t0
+    load_s = time.perf_counter() - t
 
     t = time.perf_counter()
-    pmap = efaar.build_map(features, perts, args.control, batches, pca_components=args.pca_components,
-                           pca_batches=pca_batches, correction=args.correction,
-                           method=args.aggregate, drop=args.drop)
-    timings["map"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    sims = recall.relationship_similarities(pmap.features, pmap.labels, args.annotations, args.sources)
-    records = recall.recall_table(sims, thresholds)
-    timings["recall"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    dropped = [args.control, *args.drop]
-    negatives = _negative_controls(args.negative_controls)
-    if negatives:
-        table = consistency.perturbation_consistency(pmap.embeddings, perts, negatives, drop=dropped)
-        null = "negative_controls"
-    else:
-        table = consistency.perturbation_consistency_vs_random(pmap.embeddings, perts, drop=dropped,
-                                                               seed=args.seed)
-        null = "random_groups"
-    summary = {"perturbation_consistency": {"null": null, **consistency.consistency_summary(table)},
-               "replicate_consistency": {"replicates": args.batch_col, **consistency.replicate_consistency(
-                   pmap.embeddings, perts, batches, drop=dropped, seed=args.seed)}}
-    timings["consistency"] = time.perf_counter() - t
-
-    report = {
-        "recall": records,
-        "consistency": summary,
-        "map": {"rows": int(len(features)), "features": int(features.shape[1]),
-                "dims": int(pmap.features.shape[1]), "perturbations": int(len(pmap.labels)),
-                "control_rows": int((perts == args.control).sum()),
-                "batches": int(len(pd.unique(batches)))},
-        "config": {k: v for k, v in vars(args).items()},
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
+    report, pmap, sims = evaluate_map(
+        features, perts, args.control, batches, args.annotations, pca_components=args.pca_components,
+        pca_batches=pca_batches, correction=args.correction, method=args.aggregate, drop=args.drop,
+        sources=args.sources, thresholds=thresholds,
+        negative_controls=_negative_controls(args.negative_controls), seed=args.seed)
+    report["consistency"]["replicate_consistency"]["replicates"] = args.batch_col
+    report["map"] = {"rows": int(len(features)), "features": int(features.shape[1]),
+                     "dims": int(pmap.features.shape[1]), "perturbations": int(len(pmap.labels)),
+                     "control_rows": int((perts == args.control).sum()),
+                     "batches": int(len(pd.unique(batches)))}
+    report["config"] = dict(vars(args))
+    report["timings_s"] = {"load": round(load_s, 3), "benchmark": round(time.perf_counter() - t, 3)}
     if args.plot:
         plots.plot_similarity_distribution(sims, args.plot, thresholds[:1],
                                            title=os.path.basename(args.features))
