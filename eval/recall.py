@@ -30,9 +30,9 @@ ROW_BLOCK = 2048  # rows of the cosine matrix computed at once: 2048 x 20k float
 # --- relationship tables ------------------------------------------------------------------------
 
 def _is_relationship_table(path: Path) -> bool:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        header = f.readline().strip().replace(" ", "")
-    return tuple(header.split(",")) == TABLE_HEADER
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        header = f.readline()
+    return tuple(c.strip() for c in header.split(",")) == TABLE_HEADER
 
 
 def discover_sources(annotation_dir: str | os.PathLike) -> list[str]:
@@ -47,7 +47,9 @@ def discover_sources(annotation_dir: str | os.PathLike) -> list[str]:
 def _parse_table(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     del mtime_ns, size  # cache key only: a rewritten file is parsed again
     # Plain strings: no NA parsing, so a symbol that pandas would read as NaN stays a symbol.
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skipinitialspace=True,
+                     encoding="utf-8-sig")
+    df.columns = [str(c).strip() for c in df.columns]
     if tuple(df.columns[:2]) != TABLE_HEADER or df.shape[1] != 2:
         raise ValueError(f"{path}: expected a 2-column CSV with header 'entity1,entity2', "
                          f"got columns {list(df.columns)}")

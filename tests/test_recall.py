@@ -54,6 +54,13 @@ def test_discovery_skips_files_that_are_not_relationship_tables(table_dir):
     assert recall.discover_sources(table_dir) == ["Empty", "SyntheticComplex"]
 
 
+def test_header_spaces_and_byte_order_mark_are_tolerated(tmp_path):
+    (tmp_path / "Spaced.txt").write_text("\ufeffentity1, entity2\nB, A\n", encoding="utf-8")
+    assert recall.discover_sources(tmp_path) == ["Spaced"]
+    e1, e2 = recall.load_relationships(tmp_path, "Spaced")
+    assert (e1.tolist(), e2.tolist()) == (["A"], ["B"])
+
+
 def test_sources_without_usable_pairs_are_dropped(table_dir):
     feats = np.eye(4)[[0, 0, 1, 2]] + np.arange(4)[:, None] * 0.1
     got = recall.known_relationship_benchmark(feats, ["A", "B", "C", "D"], table_dir)
