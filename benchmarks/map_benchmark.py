@@ -247,77 +247,83 @@ def main(argv=None) -> dict:
           f"PCA {args.pca_components}; jax device {jax.devices()[0].platform}, PCA backend "
           f"{'jax' if efaar._use_jax(args.backend) else 'numpy'}")
 
-    ours, results, gen_s = [], None, 0.0
-    reset_peak_rss()
+    ours, base, agreement = [], [], {}
+    results, gen_s, base_s, sweep_peak = None, 0.0, 0.0, 0.0
     sweep_start = time.perf_counter()
     for block in range(args.blocks):
         t = time.perf_counter()
         fill_block(x, codes, batch, block)
         gen_s += time.perf_counter() - t
-        rss_in = rss_mib("VmRSS")
+        rss_in, load = rss_mib("VmRSS"), os.getloadavg()[0]
+        reset_peak_rss()
         times, records, _ = run_ours(x, perts, batch, is_control, annotations, args.pca_components,
                                      thresholds, args.backend)
-        ours.append(times)
-        if block == 0:
-            results = records
-        print(f"block {block:2d}  ours  {_fmt(times)}   rss {rss_in:,.0f} MiB", flush=True)
-    sweep_wall = time.perf_counter() - sweep_start - gen_s
-    sweep_peak = rss_mib("VmHWM")
-
-    base = []
-    agreement = {}
-    for block in range(min(args.baseline_blocks, args.blocks)):
-        fill_block(x, codes, batch, block)
-        reset_peak_rss()
-        times, records, _ = run_baseline(x, perts, batch, is_control, annotations, args.pca_components,
-                                         thresholds)
-        base.append({**times, "peak_rss_mib": rss_mib("VmHWM")})
-        print(f"block {block:2d}  base  {_fmt(times)}   peak rss {base[-1]['peak_rss_mib']:,.0f} MiB",
-              flush=True)
-        if block == 0:
-            agreement = {r["source"]: max(abs(r[k] - o[k]) for k in r if k.startswith("recall"))
-                         for r, o in zip(records, results)}
-            agreement["sizes_equal"] = all(
-                (r["null_distribution_size"], r["query_distribution_size"]) ==
-                (o["null_distribution_size"], o["query_distribution_size"]) for r, o in zip(records, results))
+        sweep_peak = max(sweep_peak, rss_mib("VmHWM"))
+        ours.append({**times, "load": load})
+        results = results or records
+        print(f"block {block:2d}  ours  {_fmt(times)}   rss {rss_in:,.0f} MiB  load {load:.1f}", flush=True)
+        if block < args.baseline_blocks:   # paired with ours on the same block, under similar load
+            t = time.perf_counter()
+            reset_peak_rss()
+            btimes, brecords, _ = run_baseline(x, perts, batch, is_control, annotations,
+                                               args.pca_components, thresholds)
+            base.append({**btimes, "peak_rss_mib": rss_mib("VmHWM"), "load": os.getloadavg()[0]})
+            base_s += time.perf_counter() - t
+            agreement[block] = {
+                "max_abs_recall_diff": max(abs(b[k] - o[k]) for b, o in zip(brecords, records)
+                                           for k in b if k.startswith("recall")),
+                "sizes_equal": [(b["null_distribution_size"], b["query_distribution_size"]) for b in brecords]
+                == [(o["null_distribution_size"], o["query_distribution_size"]) for o in records]}
+            print(f"block {block:2d}  base  {_fmt(btimes)}   peak rss {base[-1]['peak_rss_mib']:,.0f} MiB"
+                  f"  load {base[-1]['load']:.1f}", flush=True)
+    sweep_wall = time.perf_counter() - sweep_start - gen_s - base_s
 
     steady = ours[1:] or ours
     per_block = {k: float(np.median([t[k] for t in steady])) for k in STAGES}
+    block_total = lambda t: sum(t[k] for k in STAGES)
     summary = {
         "config": vars(args),
         "rows": int(len(x)),
         "null_size": results[0]["null_distribution_size"],
         "query_sizes": {r["source"]: r["query_distribution_size"] for r in results},
-        "ours": {"sweep_s": sweep_wall, "blocks": args.blocks, "first_block_s": sum(ours[0].values()),
-                 "median_block_s": float(np.median([sum(t.values()) for t in steady])),
+        "ours": {"sweep_s": sweep_wall, "blocks": args.blocks, "first_block_s": block_total(ours[0]),
+                 "median_block_s": float(np.median([block_total(t) for t in steady])),
+                 "min_block_s": float(min(block_total(t) for t in steady)),
                  "median_stage_s": per_block, "peak_rss_mib": sweep_peak,
-                 "input_mib": x.nbytes / 2**20},
+                 "input_mib": x.nbytes / 2**20, "per_block": ours},
         "generation_s": gen_s,
         "recall_block0": results,
     }
     print(f"\nours: {args.blocks} blocks in {sweep_wall:.1f} s (excluding {gen_s:.1f} s of data "
-          f"generation); first block {summary['ours']['first_block_s']:.2f} s (includes warm-up: "
-          f"first touch of fresh memory, jit), median block {summary['ours']['median_block_s']:.2f} s "
-          f"[{', '.join(f'{k} {v:.2f}' for k, v in per_block.items())}]; peak RSS {sweep_peak:,.0f} MiB "
-          f"(input block {x.nbytes / 2**20:,.0f} MiB)")
+          f"generation{' and the baseline' if base else ''}); first block {block_total(ours[0]):.2f} s "
+          f"(includes warm-up: first touch of fresh memory, jit), median block "
+          f"{summary['ours']['median_block_s']:.2f} s [{', '.join(f'{k} {v:.2f}' for k, v in per_block.items())}], "
+          f"fastest {summary['ours']['min_block_s']:.2f} s; peak RSS {sweep_peak:,.0f} MiB (input block "
+          f"{x.nbytes / 2**20:,.0f} MiB); load average {np.mean([t['load'] for t in ours]):.1f} on "
+          f"{os.cpu_count()} cores")
     if base:
-        base_block = float(np.median([sum(t[k] for k in STAGES) for t in base]))
-        base_stage = {k: float(np.median([t[k] for t in base])) for k in STAGES}
-        summary["baseline"] = {"blocks_run": len(base), "median_block_s": base_block,
-                               "median_stage_s": base_stage,
+        # pairs after the first block, whose numbers include one-off warm-up, when there are any
+        pairs = list(range(1, len(base))) or [0]
+        ratio = [block_total(base[i]) / block_total(ours[i]) for i in pairs]
+        stage_ratio = {k: float(np.median([base[i][k] / max(ours[i][k], 1e-9) for i in pairs]))
+                       for k in STAGES}
+        base_block = float(np.median([block_total(base[i]) for i in pairs]))
+        summary["baseline"] = {"blocks_run": len(base), "pairs_used": pairs, "median_block_s": base_block,
+                               "median_stage_s": {k: float(np.median([base[i][k] for i in pairs]))
+                                                  for k in STAGES},
                                "peak_rss_mib": max(t["peak_rss_mib"] for t in base),
-                               "sweep_s_extrapolated": base_block * args.blocks,
-                               "recall_max_abs_diff_block0": agreement}
-        ratio = base_block / summary["ours"]["median_block_s"]
-        summary["speedup_per_block"] = ratio
-        summary["speedup_sweep"] = base_block * args.blocks / sweep_wall
+                               "sweep_s_extrapolated": base_block * args.blocks, "per_block": base,
+                               "agreement": agreement}
+        summary["speedup_paired_median"] = float(np.median(ratio))
+        summary["speedup_stage"] = stage_ratio
         print(f"baseline: median block {base_block:.2f} s "
-              f"[{', '.join(f'{k} {v:.2f}' for k, v in base_stage.items())}] on {len(base)} block(s), "
-              f"{args.blocks} blocks extrapolated {base_block * args.blocks:.0f} s; peak RSS "
-              f"{summary['baseline']['peak_rss_mib']:,.0f} MiB")
-        print(f"speed-up: {ratio:.1f}x per steady block, {summary['speedup_sweep']:.1f}x for the sweep; "
-              f"per stage " + ", ".join(f"{k} {base_stage[k] / max(per_block[k], 1e-9):.1f}x" for k in STAGES))
-        print(f"recall agreement with the baseline on block 0 (max |diff| per source): {agreement}")
+              f"[{', '.join(f'{k} {v:.2f}' for k, v in summary['baseline']['median_stage_s'].items())}] "
+              f"on block(s) {pairs}; {args.blocks} blocks extrapolated {base_block * args.blocks:.0f} s; "
+              f"peak RSS {summary['baseline']['peak_rss_mib']:,.0f} MiB")
+        print(f"speed-up, same block back to back: {np.round(ratio, 2).tolist()} (median "
+              f"{summary['speedup_paired_median']:.1f}x); per stage "
+              + ", ".join(f"{k} {v:.1f}x" for k, v in stage_ratio.items()))
+        print(f"recall agreement with the baseline: {agreement}")
     print("recall block 0: " + "; ".join(
         f"{r['source']} {r['query_distribution_size']} pairs {r['recall_0.05_0.95']:.3f}" for r in results))
     if args.out:
