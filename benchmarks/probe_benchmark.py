@@ -45,8 +45,10 @@ def baseline_ridge(x, labels, train, val, test, l2_grid, classes):
     onehot = np.eye(classes, dtype=np.float32)[labels[train]]
     prior = onehot.mean(0)
     gram, rhs = zt.T @ zt, zt.T @ (onehot - prior)
-    score = lambda idx, w: np.mean([np.mean(np.argmax(z[idx] @ w + prior, 1)[labels[idx] == c] == c)
-                                    for c in np.unique(labels[idx])])
+    def score(idx, w):   # balanced accuracy
+        pred, true = np.argmax(z[idx] @ w + prior, 1), labels[idx]
+        return np.mean([np.mean(pred[true == c] == c) for c in np.unique(true)])
+
     weights = [np.linalg.solve(gram + l2 * len(zt) * np.eye(len(gram)), rhs) for l2 in l2_grid]
     val_scores = [score(val, w) for w in weights]
     best = int(np.argmax(val_scores))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from scipy import linalg, sparse
+from threadpoolctl import threadpool_limits
 
 CHUNK_ROWS = 32768  # rows per streamed chunk: ~200 MB of float32 at 1664 features
 
@@ -50,6 +51,13 @@ def _codes(labels, n: int, name: str) -> tuple[np.ndarray, int]:
     if (codes < 0).any():
         raise ValueError(f"{name} contains missing values (NaN/None)")
     return codes.astype(np.int32), len(uniques)
+
+
+def single_threaded_lapack() -> contextlib.AbstractContextManager:
+    """OpenBLAS's threaded symmetric eigensolver (dsytrd's level-2 steps) is slower than one thread
+    for d ~ 100-2000, and 10-40x slower when the cores are shared (measured 0.4 s vs 16 s for
+    d = 1664 on a busy 2-core box); level-3 BLAS elsewhere keeps all threads."""
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _precision(dtype) -> contextlib.AbstractContextManager:
@@ -253,10 +261,11 @@ def _top_axes(cov: np.ndarray, n_components, n: int) -> tuple[np.ndarray, np.nda
     limit = min(n, d)
     is_fraction = isinstance(n_components, float) and 0 < n_components < 1
     k = None if is_fraction else _n_components(n_components, None, limit)
-    if k is not None and k < d:
-        evals, evecs = linalg.eigh(cov, subset_by_index=[d - k, d - 1], driver="evr")
-    else:
-        evals, evecs = np.linalg.eigh(cov)
+    with single_threaded_lapack():
+        if k is not None and k < d:
+            evals, evecs = linalg.eigh(cov, subset_by_index=[d - k, d - 1], driver="evr")
+        else:
+            evals, evecs = np.linalg.eigh(cov)
     evals, evecs = np.maximum(evals[::-1], 0.0), evecs[:, ::-1]
     k = k or _n_components(n_components, evals, limit)
     return evals[:k], _flip_signs(evecs[:, :k].T)
@@ -332,7 +341,8 @@ def centerscale_on_controls(embeddings: np.ndarray, is_control, batches=None) ->
 
 def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
     """cov^(-1/2) of a symmetric positive-definite matrix (scipy `fractional_matrix_power(-0.5)`)."""
-    evals, evecs = np.linalg.eigh(cov)
+    with single_threaded_lapack():
+        evals, evecs = np.linalg.eigh(cov)
     return (evecs / np.sqrt(evals)) @ evecs.T
 
 

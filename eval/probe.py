@@ -29,6 +29,8 @@ import numpy as np
 import optax
 import pandas as pd
 
+from eval.efaar import single_threaded_lapack
+
 RIDGE_L2 = tuple(10.0 ** np.arange(-4, 3))           # 1e-4 .. 1e2
 LOGISTIC_L2 = (1e-5, 1e-4, 1e-3, 1e-2)
 
@@ -93,26 +95,29 @@ def _pick(val_by_l2, l2_grid) -> tuple[np.ndarray, np.ndarray]:
 # --- closed-form ridge --------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
-def _ridge_block(x, labels, train_idx, val_idx, test_idx, l2_grid, num_classes: int):
-    """Val accuracy for every L2 and test accuracy at the best one, for one block (N, D)."""
+def _ridge_system(x, labels, train_idx, num_classes: int):
+    """Standardised block and the matrix to eigendecompose: Z^T Z (primal, n >= d) or Z Z^T."""
     z = _standardize(x.astype(jnp.float32), train_idx)
     zt, yt = z[train_idx], labels[train_idx]
+    prior = jnp.bincount(yt, length=num_classes) / len(yt)                   # the intercept
+    return z, prior, (zt.T @ zt if zt.shape[0] >= zt.shape[1] else zt @ zt.T)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def _ridge_scores(z, labels, prior, evals, q, train_idx, val_idx, test_idx, l2_grid, num_classes: int):
+    """Val accuracy for every L2 and test accuracy at the best one, given the eigenpairs."""
+    zt, yt = z[train_idx], labels[train_idx]
     n, d = zt.shape
-    # One-hot targets centred on train give the unpenalised intercept; since z is centred on
-    # train, z^T (Y - mean Y) = z^T Y = per-class sums of the train rows.
-    class_sums = jax.ops.segment_sum(zt, yt, num_classes)                     # (C, D)
-    prior = jnp.bincount(yt, length=num_classes) / n                          # intercept
     lam = l2_grid * n
-    if n >= d:   # primal: (Z^T Z + lam)^-1 Z^T Y
-        evals, q = jnp.linalg.eigh(zt.T @ zt)
-        rhs = q.T @ class_sums.T                                              # (D, C)
-        project = lambda rows: rows @ q
-    else:        # dual: Z^T (Z Z^T + lam)^-1 Y
-        evals, q = jnp.linalg.eigh(zt @ zt.T)
-        onehot = jax.nn.one_hot(yt, num_classes) - prior
-        rhs = q.T @ onehot                                                     # (n, C)
-        project = lambda rows: (rows @ zt.T) @ q
     evals = jnp.maximum(evals, 0.0)
+    if n >= d:   # primal: (Z^T Z + lam)^-1 Z^T Y
+        # One-hot targets centred on train give the unpenalised intercept; since z is centred on
+        # train, z^T (Y - mean Y) = z^T Y = the per-class sums of the train rows.
+        rhs = q.T @ jax.ops.segment_sum(zt, yt, num_classes).T                # (D, C)
+        project = lambda rows: rows @ q
+    else:        # dual: Z^T (Z Z^T + lam)^-1 (Y - mean Y)
+        rhs = q.T @ (jax.nn.one_hot(yt, num_classes) - prior)                 # (n, C)
+        project = lambda rows: (rows @ zt.T) @ q
 
     def predict(proj, l2):
         return jnp.argmax((proj / (evals + l2)) @ rhs + prior, axis=-1)
@@ -120,25 +125,32 @@ def _ridge_block(x, labels, train_idx, val_idx, test_idx, l2_grid, num_classes: 
     pv = project(z[val_idx])
     yv = labels[val_idx]
     val_scores = jax.lax.map(lambda l2: balanced_accuracy(yv, predict(pv, l2), num_classes), lam)
-    best = jnp.argmax(val_scores)
-    test_pred = predict(project(z[test_idx]), lam[best])
+    test_pred = predict(project(z[test_idx]), lam[jnp.argmax(val_scores)])
     return val_scores, balanced_accuracy(labels[test_idx], test_pred, num_classes)
+
+
+_eigh = jax.jit(jnp.linalg.eigh)
 
 
 def ridge_probes(features, labels, train, val, test, l2_grid: Sequence[float] = RIDGE_L2,
                  num_classes: int | None = None) -> ProbeReport:
     """Closed-form ridge (one-vs-rest least squares) probes for every block.
 
-    Blocks are processed one at a time through one compiled function, so the host stack can be
-    (48, 20k, 1664) float32 (6.4 GB) without a second copy.
+    Blocks are processed one at a time through the same compiled functions, so the host stack can
+    be (48, 20k, 1664) float32 (6.4 GB) without a second copy.
     """
     features, labels, tr, va, te = _check(features, labels, train, val, test)
     num_classes = int(num_classes or labels.max() + 1)
     grid = jnp.asarray(l2_grid, jnp.float32)
-    args = (jnp.asarray(labels), jnp.asarray(tr), jnp.asarray(va), jnp.asarray(te), grid)
+    y, tr, va, te = (jnp.asarray(a) for a in (labels, tr, va, te))
     vals, tests = [], []
     for block in features:
-        v, t = _ridge_block(jnp.asarray(block), *args, num_classes=num_classes)
+        z, prior, system = _ridge_system(jnp.asarray(block), y, tr, num_classes=num_classes)
+        # LAPACK's eigh on one thread (see single_threaded_lapack); jax dispatches asynchronously,
+        # so wait for the result while the limit is still in place.
+        with single_threaded_lapack():
+            evals, q = jax.block_until_ready(_eigh(system))
+        v, t = _ridge_scores(z, y, prior, evals, q, tr, va, te, grid, num_classes=num_classes)
         vals.append(np.asarray(v))
         tests.append(float(t))
     return _report(np.asarray(l2_grid), np.stack(vals), np.asarray(tests))
