@@ -15,11 +15,15 @@ opened over the shard list; it is assigned when the directory is finalised.
 
 The directory is assembled under a temporary name and renamed at the end, so a reader never sees a
 half-written dataset.
+
+Builders that write shards in parallel or resume (data/crop_builder.py, data/beam_pipeline.py) use the
+two halves separately: `write_shard` fills one shard file and returns its metadata rows, and
+`dataset_files` turns the rows of all shards into the metadata table, manifest and side files.
 """
 from __future__ import annotations
 
-import collections
 import importlib.metadata
+import io
 import json
 import os
 import platform
@@ -39,6 +43,7 @@ from maejax.records import LAYOUT
 FORMAT_VERSION = 1
 WRITER_OPTIONS = "group_size:1"
 _SCALAR_TYPES = (str, int, float, bool, np.generic)
+_RESERVED_COLUMNS = ("record_id", "shard", "index", "label")
 
 
 def shard_file_names(num_shards: int) -> list[str]:
@@ -74,41 +79,24 @@ def write_dataset(
     out_dir = Path(out_dir)
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-    _check_writable(out_dir, overwrite)
+    check_writable(out_dir, overwrite)
     tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir(parents=True)
     try:
         shard_names = shard_file_names(num_shards)
-        rows, shape = _write_shards(tmp_dir, shard_names, examples, list(channels))
-        metadata = _metadata_table(rows, num_shards)
-        perturbations, controls = _label_vocabulary(metadata)
-        metadata["label"] = np.searchsorted(perturbations, metadata["perturbation"]).astype(np.int32)
-        metadata.to_parquet(tmp_dir / LAYOUT.metadata, index=False)
-        annotation_files = _write_annotations(tmp_dir, annotations or {})
-        for rel_path, content in (extra_files or {}).items():
+        rows, shape = _write_shards([tmp_dir / f for f in shard_names], range(num_shards), examples,
+                                    list(channels))
+        if not rows:
+            raise ValueError("no examples to write")
+        files = dataset_files(rows, shard_names, shape, name=name, source=source, channels=channels,
+                              annotations=annotations, params=params, manifest_extra=manifest_extra,
+                              extra_files=extra_files)
+        for rel_path, content in files.items():  # manifest last
             path = tmp_dir / rel_path
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        shard_sizes = np.bincount(metadata["shard"], minlength=num_shards)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "source": source,
-            "created_by": _version_info(),
-            "channels": list(channels),
-            "crop_shape": list(shape),
-            "num_records": len(metadata),
-            "shards": [{"file": f, "num_records": int(n)} for f, n in zip(shard_names, shard_sizes)],
-            "perturbations": perturbations,
-            "controls": controls,
-            "experiments": _experiment_counts(metadata),
-            "annotations": annotation_files,
-            "params": dict(params or {}),
-            **dict(manifest_extra or {}),
-        }
-        (tmp_dir / LAYOUT.manifest).write_text(json.dumps(manifest, indent=1) + "\n")
+            path.write_bytes(content)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp_dir.rename(out_dir)
@@ -118,7 +106,69 @@ def write_dataset(
     return out_dir
 
 
-def _check_writable(out_dir: Path, overwrite: bool) -> None:
+def write_shard(path: str | os.PathLike, shard: int, examples: Iterable[tuple[np.ndarray, Mapping[str, Any]]],
+                channels: list[str]) -> tuple[list[dict[str, Any]], tuple[int, ...] | None]:
+    """Writes every example into the one ArrayRecord file `path`, which is shard number `shard`.
+
+    Checks examples as `write_dataset` does. Returns the metadata rows (`shard`, `index` and the scalar
+    metadata) and the image shape (None for an empty shard), for `dataset_files`.
+    """
+    return _write_shards([Path(path)], [shard], examples, list(channels))
+
+
+def dataset_files(
+    rows: list[dict[str, Any]] | pd.DataFrame,
+    shard_names: list[str],
+    crop_shape: tuple[int, ...],
+    *,
+    name: str,
+    source: str,
+    channels: list[str],
+    annotations: Mapping[str, Iterable[tuple[str, str]]] | None = None,
+    params: Mapping[str, Any] | None = None,
+    manifest_extra: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, str | bytes] | None = None,
+) -> dict[str, bytes]:
+    """Everything of a dataset directory but the shards, as {relative path: bytes}, manifest last.
+
+    rows: the metadata rows of all shards (`shard`, `index`, REQUIRED_FIELDS but `channels`, extras),
+      in any order; record_id and label are assigned here.
+    """
+    metadata = _metadata_table(rows)
+    perturbations, controls = _label_vocabulary(metadata)
+    metadata["label"] = np.searchsorted(perturbations, metadata["perturbation"]).astype(np.int32)
+    buffer = io.BytesIO()
+    metadata.to_parquet(buffer, index=False)
+    files = {LAYOUT.metadata: buffer.getvalue()}
+    annotation_files = _annotation_files(annotations or {})
+    files.update(annotation_files)
+    for rel_path, content in (extra_files or {}).items():
+        files[rel_path] = content if isinstance(content, bytes) else content.encode()
+    shard_sizes = np.bincount(metadata["shard"], minlength=len(shard_names))
+    if len(shard_sizes) != len(shard_names):
+        raise ValueError(f"metadata rows name shard {len(shard_sizes) - 1}; there are {len(shard_names)} shards")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "source": source,
+        "created_by": _version_info(),
+        "channels": list(channels),
+        "crop_shape": list(crop_shape),
+        "num_records": len(metadata),
+        "shards": [{"file": f, "num_records": int(n)} for f, n in zip(shard_names, shard_sizes)],
+        "perturbations": perturbations,
+        "controls": controls,
+        "experiments": _experiment_counts(metadata),
+        "annotations": list(annotation_files),
+        "params": dict(params or {}),
+        **dict(manifest_extra or {}),
+    }
+    files[LAYOUT.manifest] = (json.dumps(manifest, indent=1) + "\n").encode()
+    return files
+
+
+def check_writable(out_dir: Path, overwrite: bool) -> None:
+    """Refuses a non-empty `out_dir` unless `overwrite` and it holds a dataset (never wipe other files)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir} exists and is not a directory")
     if not out_dir.exists() or not any(out_dir.iterdir()):
@@ -130,8 +180,10 @@ def _check_writable(out_dir: Path, overwrite: bool) -> None:
         raise ValueError(f"{out_dir} is not empty and holds no {LAYOUT.manifest}; refusing to replace it")
 
 
-def _write_shards(tmp_dir: Path, shard_names: list[str], examples, channels: list[str]):
-    writers = [ArrayRecordWriter(str(tmp_dir / f), WRITER_OPTIONS) for f in shard_names]
+def _write_shards(paths: list[Path], shard_ids, examples, channels: list[str]):
+    """Deals `examples` round-robin over one writer per path; rows name the shard by `shard_ids`."""
+    shard_ids = list(shard_ids)
+    writers = [ArrayRecordWriter(str(p), WRITER_OPTIONS) for p in paths]
     counts = [0] * len(writers)
     rows, shape = [], None
     try:
@@ -149,23 +201,23 @@ def _write_shards(tmp_dir: Path, shard_names: list[str], examples, channels: lis
             for key, value in row.items():
                 if not isinstance(value, _SCALAR_TYPES):
                     raise ValueError(f"{where}: metadata {key!r}={value!r} is not a scalar")
+                if key in _RESERVED_COLUMNS:
+                    raise ValueError(f"{where}: metadata key {key!r} is reserved for the writer")
             try:
                 data = records.encode(image, meta)
             except records.RecordError as e:
                 raise records.RecordError(f"{where}: {e}") from e
-            shard = k % len(writers)
-            writers[shard].write(data)
-            rows.append({"shard": shard, "index": counts[shard], **row})
-            counts[shard] += 1
+            slot = k % len(writers)
+            writers[slot].write(data)
+            rows.append({"shard": shard_ids[slot], "index": counts[slot], **row})
+            counts[slot] += 1
     finally:
         for w in writers:
             w.close()
-    if not rows:
-        raise ValueError("no examples to write")
     return rows, shape
 
 
-def _metadata_table(rows: list[dict], num_shards: int) -> pd.DataFrame:
+def _metadata_table(rows: list[dict] | pd.DataFrame) -> pd.DataFrame:
     meta = pd.DataFrame(rows)
     meta = meta.sort_values(["shard", "index"], kind="stable").reset_index(drop=True)
     meta.insert(0, "record_id", np.arange(len(meta), dtype=np.int64))
@@ -198,20 +250,17 @@ def _experiment_counts(metadata: pd.DataFrame) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _write_annotations(tmp_dir: Path, annotations: Mapping[str, Iterable[tuple[str, str]]]) -> list[str]:
-    files = []
+def _annotation_files(annotations: Mapping[str, Iterable[tuple[str, str]]]) -> dict[str, bytes]:
+    files = {}
     for source_name, pairs in sorted(annotations.items()):
         table = pd.DataFrame(list(pairs), columns=["entity1", "entity2"])
-        path = tmp_dir / LAYOUT.annotations / f"{source_name}.txt"
-        path.parent.mkdir(exist_ok=True)
-        table.to_csv(path, index=False)
-        files.append(f"{LAYOUT.annotations}/{path.name}")
+        files[f"{LAYOUT.annotations}/{source_name}.txt"] = table.to_csv(index=False).encode()
     return files
 
 
 def _version_info() -> dict[str, str | None]:
     info: dict[str, str | None] = {"python": platform.python_version()}
-    for package in ("numpy", "array-record", "msgpack"):
+    for package in ("numpy", "array-record", "msgpack", "pandas", "pyarrow", "pillow"):
         info[package] = importlib.metadata.version(package)
     info["maejax_commit"] = _git_commit()
     return info

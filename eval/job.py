@@ -41,7 +41,7 @@ def handcrafted_screen(dataset_dir: str, batch_size: int = 256) -> tuple[np.ndar
     from eval.handcrafted import handcrafted_features
     feats, metas = [], []
     for images, meta in iterate_records(dataset_dir, batch_size):
-        feats.append(handcrafted_features(images))
+        feats.append(handcrafted_features(images)[0])
         metas.append(meta)
     return np.concatenate(feats), pd.concat(metas, ignore_index=True)
 

@@ -1,0 +1,183 @@
+"""Crops/s delivered to the trainer from an ArrayRecord crop dataset vs. a PIL loader over per-channel PNGs.
+
+    python -m benchmarks.input_pipeline --work-dir /tmp/bench_png --repeats 3
+
+Setup (cached in --work-dir): the synthetic screen renders --sites 512x512 sites, which are written in
+the RxRx1 layout (metadata.csv + images/{experiment}/Plate{p}/{well}_s{site}_w{1..6}.png, 8-bit), and
+`data.sources.rxrx1` builds the ArrayRecord dataset from those files (256 px tiles, 4 per site).
+
+Both loaders deliver the same thing, batch after batch: for a shuffled record, its 6x256x256 tile,
+a random --crop-size crop, random flips and quarter turns, self-standardisation, batched.
+- ArrayRecord: `maejax.input_pipeline.make_train_iterator` (the trainer's own pipeline).
+- PIL baseline: the same grain pipeline shape, but each element opens the site's 6 PNGs with PIL (as a
+  PNG-per-channel loader must: PNG cannot decode a window) and cuts the record's tile from them.
+Each runs with 0, 1 and 2 worker processes; throughput is steady state (after --warmup batches, for
+--seconds), repeated --repeats times in alternation; medians are printed with the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import grain
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from maejax import records
+from maejax.input_pipeline import make_train_iterator, open_dataset
+from maejax.preprocess import self_standardize
+
+SITE = 512
+TILE = 256
+
+
+def make_png_screen(root: Path, num_sites: int, seed: int) -> Path:
+    """Renders synthetic 512 px sites and writes them in the RxRx1 layout (8-bit PNG per channel)."""
+    from data.synthetic_screen import generate_screen
+
+    if (root / "metadata.csv").exists():
+        return root
+    wells_per_plate = 11  # the tiny preset: 9 genes + 2 control wells
+    sites_per_well = max(1, -(-num_sites // (2 * wells_per_plate)))
+    rendered = generate_screen(root / "synthetic", preset="tiny", overwrite=True, seed=seed, site_size=SITE,
+                               crop_size=SITE, sites_per_well=sites_per_well, num_shards=1)
+    ds = open_dataset(rendered)
+    rows = []
+    for record_id, row in ds.metadata.head(num_sites).iterrows():
+        image = records.decode(ds.reader.source[record_id])["image"]
+        plate = int(row.plate.removeprefix("Plate"))
+        folder = root / "images" / row.experiment / f"Plate{plate}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for c in range(image.shape[0]):
+            Image.fromarray(image[c]).save(folder / f"{row.well}_s{row.site}_w{c + 1}.png")
+        control = bool(row.is_control)
+        rows.append({"experiment": row.experiment, "plate": plate, "well": row.well, "site": row.site,
+                     "well_type": "negative_control" if control else "treatment",
+                     "sirna": "EMPTY" if control else row.perturbation})
+    pd.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
+    return root
+
+
+def build_arrayrecord(png_root: Path, out: Path) -> tuple[Path, float]:
+    from data.crop_builder import BuildOptions, build_dataset
+    from data.cropping import CropSpec
+    from data.sources.rxrx1 import RxRx1
+
+    if (out / "manifest.json").exists():
+        return out, float("nan")
+    report = build_dataset(RxRx1(png_root), out, BuildOptions(crop=CropSpec(size=TILE), progress=False,
+                                                              records_per_shard=256))
+    return out, report.seconds
+
+
+class _PngExample(grain.transforms.RandomMap):
+    """record_id -> the record's tile read from its site's PNGs, augmented like the trainer's pipeline."""
+
+    def __init__(self, png_root: str, metadata: pd.DataFrame, crop_size: int):
+        self.root, self.crop_size = png_root, crop_size
+        self.sites = metadata[["experiment", "plate", "well", "site", "crop_y", "crop_x"]].to_records(index=False)
+
+    def random_map(self, record_id, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        experiment, plate, well, site, y0, x0 = self.sites[int(record_id)]
+        folder = os.path.join(self.root, "images", experiment, plate)
+        site_image = np.stack([np.asarray(Image.open(os.path.join(folder, f"{well}_s{site}_w{c}.png")))
+                               for c in range(1, 7)])
+        tile = site_image[:, y0:y0 + TILE, x0:x0 + TILE]
+        c = self.crop_size
+        y, x = rng.integers(TILE - c + 1), rng.integers(TILE - c + 1)
+        flip_v, flip_h, quarter_turns = rng.random() < 0.5, rng.random() < 0.5, rng.integers(4)
+        image = tile[:, y:y + c, x:x + c]
+        image = image[:, ::-1] if flip_v else image
+        image = image[:, :, ::-1] if flip_h else image
+        return {"image": self_standardize(np.rot90(image, quarter_turns, axes=(1, 2))),
+                "record_id": np.int64(record_id)}
+
+
+def png_iterator(png_root: Path, dataset, *, batch_size: int, crop_size: int, seed: int, workers: int):
+    example = _PngExample(str(png_root), dataset.metadata, crop_size)
+    batches = (grain.MapDataset.range(len(dataset)).seed(seed).shuffle().repeat().random_map(example)
+               .to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=2 * batch_size))
+               .batch(batch_size, drop_remainder=True))
+    if workers:
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=4))
+    return iter(batches)
+
+
+def measure(iterator, batch_size: int, warmup: int, seconds: float) -> dict[str, float]:
+    start = time.perf_counter()
+    next(iterator)
+    first = time.perf_counter() - start
+    for _ in range(warmup):
+        next(iterator)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        next(iterator)
+        n += 1
+    rate = n * batch_size / (time.perf_counter() - start)
+    iterator.close()
+    return {"first_batch_s": first, "crops_per_s": rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", default="/tmp/maejax_input_bench", help="cache of the PNG screen and dataset")
+    parser.add_argument("--sites", type=int, default=200)
+    parser.add_argument("--workers", default="0,1,2")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--crop-size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    from absl import flags  # grain workers read absl flags (stack.md P3)
+    flags.FLAGS.mark_as_parsed()
+
+    work = Path(args.work_dir)
+    start = time.perf_counter()
+    png_root = make_png_screen(work / "rxrx1_png", args.sites, args.seed)
+    setup = time.perf_counter() - start
+    dataset_dir, build_seconds = build_arrayrecord(png_root, work / "rxrx1_arrayrecord")
+    dataset = open_dataset(dataset_dir)
+    num_sites = len(pd.read_csv(png_root / "metadata.csv"))
+    png_bytes = sum(f.stat().st_size for f in (png_root / "images").rglob("*.png"))
+    ar_bytes = sum(f.stat().st_size for f in dataset_dir.glob("*.array_record"))
+    print(f"PNG screen: {num_sites} sites x 6 PNGs of {SITE}x{SITE}, {png_bytes / 2**20:.0f} MiB "
+          f"(mean {png_bytes / num_sites / 6 / 1024:.1f} KiB/PNG; setup {setup:.0f} s)")
+    print(f"ArrayRecord: {len(dataset)} records {dataset.crop_shape}, {ar_bytes / 2**20:.0f} MiB, built in "
+          f"{build_seconds:.1f} s ({num_sites / build_seconds:.1f} sites/s)" if build_seconds == build_seconds else
+          f"ArrayRecord: {len(dataset)} records {dataset.crop_shape}, {ar_bytes / 2**20:.0f} MiB (cached)")
+    print(f"batch {args.batch_size}, crop {args.crop_size} + flips + rot90 + self-standardisation; "
+          f"{args.seconds:.0f} s per measurement after {args.warmup} warm-up batches; load average "
+          f"{os.getloadavg()[0]:.2f} at start")
+
+    workers = [int(w) for w in args.workers.split(",")]
+    kw = dict(batch_size=args.batch_size, crop_size=args.crop_size, seed=args.seed)
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for repeat in range(args.repeats):
+        for w in workers:
+            for loader in ("arrayrecord", "png"):
+                it = (make_train_iterator(dataset, num_workers=w, process_index=0, process_count=1, **kw)
+                      if loader == "arrayrecord" else png_iterator(png_root, dataset, workers=w, **kw))
+                r = measure(it, args.batch_size, args.warmup, args.seconds)
+                results.setdefault((loader, w), []).append(r)
+                print(f"  run {repeat + 1} {loader:>11} workers {w}: {r['crops_per_s']:8.1f} crops/s "
+                      f"(first batch {r['first_batch_s']:.2f} s, load {os.getloadavg()[0]:.2f})", flush=True)
+
+    print(f"\nmedians of {args.repeats} runs (crops/s delivered, steady state); load average at end "
+          f"{', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"{'workers':>7} {'ArrayRecord':>12} {'PNG+PIL':>9} {'ratio':>7}")
+    best = {}
+    for w in workers:
+        ar, png = (statistics.median(r["crops_per_s"] for r in results[(k, w)]) for k in ("arrayrecord", "png"))
+        best["arrayrecord"], best["png"] = max(best.get("arrayrecord", 0), ar), max(best.get("png", 0), png)
+        print(f"{w:>7} {ar:>12.1f} {png:>9.1f} {ar / png:>6.1f}x")
+    print(f"{'best':>7} {best['arrayrecord']:>12.1f} {best['png']:>9.1f} {best['arrayrecord'] / best['png']:>6.1f}x")
+
+
+if __name__ == "__main__":  # grain worker processes are spawned: keep the entry point guarded
+    main()
