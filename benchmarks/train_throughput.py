@@ -87,7 +87,8 @@ def measure(config, steps: int) -> dict:
     total = int(config.total_steps)
     tx = optim.make(config.optim, total)
     sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
-    model_state, opt_state = state_lib.initialize(config.model, mesh, rules, sharded, seed=config.seed, tx=tx)
+    model_state, opt_state = state_lib.initialize(config.model, mesh, rules, sharded, seed=config.seed, tx=tx,
+                                                  compiler_options=step_lib.compiler_options(config))
     t0 = time.perf_counter()
     p_step = step_lib.jit_train_step(sharded, config, mesh, rules, optim.schedule(config.optim, total))
     compiled = step_lib.compile_train_step(p_step, sharded, config, mesh, rules)

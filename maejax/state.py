@@ -68,12 +68,13 @@ def _with_shardings(state, mesh):
 
 
 def initialize(model_cfg, mesh: Mesh, rules, sharded: ShardedState, *, seed: int = 0,
-               tx: optax.GradientTransformation | None = None):
+               tx: optax.GradientTransformation | None = None, compiler_options: dict[str, Any] | None = None):
     """Materialises fresh parameters (and optimiser state) directly with their shardings."""
     init = _constructor(model_cfg, seed, tx)
     out_sh = (sharded.model_shardings,) if tx is None else (sharded.model_shardings, sharded.opt_shardings)
     with shd.activate(mesh, rules):
-        states = jax.jit(lambda: tuple(nnx.state(x) for x in init()), out_shardings=out_sh)()
+        p_init = jax.jit(lambda: tuple(nnx.state(x) for x in init()), out_shardings=out_sh)
+        states = p_init.lower().compile(compiler_options=compiler_options)()
     return states if tx is not None else states[0]
 
 

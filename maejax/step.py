@@ -135,11 +135,15 @@ STEP_ARG = jax.ShapeDtypeStruct((), jnp.int32)  # the step number, as the compil
 
 def compile_train_step(p_step, sharded: ShardedState, config: ml_collections.ConfigDict, mesh: Mesh, rules):
     """Lowers and compiles once for the abstract state and batch (no device memory is touched)."""
-    level = int(config.xla_backend_optimization_level)
-    options = {"xla_backend_optimization_level": level} if level >= 0 else None
     with shd.activate(mesh, rules):
         return p_step.lower(sharded.model_abstract, sharded.opt_abstract, abstract_batch(config, mesh),
-                            STEP_ARG).compile(compiler_options=options)
+                            STEP_ARG).compile(compiler_options=compiler_options(config))
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """XLA options the config asks for (`xla_backend_optimization_level`), for every program it compiles."""
+    level = int(config.xla_backend_optimization_level)
+    return {"xla_backend_optimization_level": level} if level >= 0 else None
 
 
 def step_arg(step: int) -> np.ndarray:

@@ -85,8 +85,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             model_state, opt_state = restored["model"], restored["optimizer"]
             print(f"Resumed from {ckpts.directory} at step {start}", flush=True)
         else:
-            model_state, opt_state = state_lib.initialize(config.model, mesh, rules, sharded, seed=config.seed,
-                                                          tx=tx)
+            model_state, opt_state = state_lib.initialize(
+                config.model, mesh, rules, sharded, seed=config.seed, tx=tx,
+                compiler_options=step_lib.compiler_options(config))
             if jax.process_index() == 0:
                 with open(os.path.join(workdir, "config.json"), "w") as f:
                     f.write(config.to_json(indent=2))
