@@ -1,0 +1,203 @@
+"""Replicate consistency of perturbation embeddings.
+
+Two views:
+- `perturbation_consistency`: EFAAR 1.0 `pert_signal_consistency_benchmark`. A perturbation's
+  metric is the mean pairwise cosine among its replicate rows; its p-value is its rank against the
+  same metric for negative-control perturbations (e.g. unexpressed genes); the summary is the
+  fraction of perturbations with p <= 0.05.
+- `replicate_consistency`: the KS and Cramer-von Mises statistics of "ViTally Consistent"
+  (Kenyon-Dean et al. 2025), which compare the distribution of cosines between replicates of the
+  same perturbation with a null of cosines between profiles of different perturbations. This is
+  not in EFAAR; it is reimplemented from the paper's description (see docs/eval.md).
+
+Everything is vectorised per replicate count: the rows of all perturbations with r replicates are
+stacked into (G, r, d) and their r x r cosine matrices come from one einsum.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+P_VALUE_THRESHOLD = 0.05
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """sklearn `normalize` (near-zero rows left as they are)."""
+    norms = np.sqrt(np.einsum("...j,...j->...", x, x))
+    norms[norms < 10 * np.finfo(x.dtype).eps] = 1.0
+    return x / norms[..., None]
+
+
+def _groups(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(unique labels in order of first appearance, row order grouping them, group sizes)."""
+    codes, uniques = pd.factorize(labels)
+    order = np.argsort(codes, kind="stable")
+    return np.asarray(uniques), order, np.bincount(codes, minlength=len(uniques))
+
+
+def mean_replicate_cosines(features: np.ndarray, labels) -> tuple[np.ndarray, np.ndarray]:
+    """EFAAR `pert_signal_consistency_metric` for every label: mean of the lower-triangle cosines
+    (each clipped to [-1, 1]) among the label's rows; NaN for labels with a single row.
+
+    Returns (labels in order of first appearance, metric per label).
+    """
+    x = np.asarray(features)
+    uniques, order, sizes = _groups(np.asarray(labels))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    grouped = x[order]
+    out = np.full(len(uniques), np.nan)
+    for size in np.unique(sizes[sizes >= 2]):
+        groups = np.flatnonzero(sizes == size)
+        unit = _unit_rows(grouped[starts[groups][:, None] + np.arange(size)])   # (G, r, d)
+        cos = np.clip(np.einsum("grd,gsd->grs", unit, unit), -1, 1)
+        low_r, low_c = np.tril_indices(size, k=-1)
+        out[groups] = cos[:, low_r, low_c].mean(axis=1)
+    return uniques, out
+
+
+def perturbation_consistency(features: np.ndarray, perturbations, negative_controls: Sequence,
+                             drop: Sequence = ()) -> pd.DataFrame:
+    """EFAAR `pert_signal_consistency_benchmark`.
+
+    features: (rows, d) replicate-level embeddings (e.g. corrected well embeddings);
+    perturbations: (rows,) labels; negative_controls: labels whose metric forms the null;
+    drop: labels removed first (e.g. the control label).
+    Returns DataFrame[pert, avgcossim, pval], one row per non-negative-control perturbation in
+    order of first appearance. p = 1 - searchsorted(sorted null, metric, 'left') / len(null).
+    """
+    labels = np.asarray(perturbations)
+    keep = ~pd.Index(labels).isin(list(drop))
+    uniques, metric = mean_replicate_cosines(np.asarray(features)[keep], labels[keep])
+    is_null = pd.Index(uniques).isin(list(negative_controls))
+    if not is_null.any():
+        raise ValueError("none of the negative-control perturbations occurs in the data")
+    null = np.sort(metric[is_null])
+    query = metric[~is_null]
+    pval = 1 - np.searchsorted(null, query, side="left") / len(null)
+    return pd.DataFrame({"pert": uniques[~is_null], "avgcossim": query, "pval": pval})
+
+
+def consistency_summary(table: pd.DataFrame, threshold: float = P_VALUE_THRESHOLD) -> dict:
+    """Fraction of perturbations whose replicate consistency beats the null at p <= threshold."""
+    valid = table["pval"].notna()
+    return {"num_perturbations": int(valid.sum()),
+            "fraction_consistent": float((table.loc[valid, "pval"] <= threshold).mean())
+            if valid.any() else float("nan"),
+            "p_value_threshold": threshold,
+            "median_avgcossim": float(table["avgcossim"].median())}
+
+
+def random_group_null(features: np.ndarray, perturbations, num_groups: int = 1000,
+                      drop: Sequence = (), seed: int = 0) -> np.ndarray:
+    """Null for `perturbation_consistency` when no negative-control perturbations are known: the
+    same metric for random groups of rows (sizes drawn from the real replicate counts)."""
+    labels = np.asarray(perturbations)
+    keep = np.flatnonzero(~pd.Index(labels).isin(list(drop)))
+    _, _, sizes = _groups(labels[keep])
+    sizes = sizes[sizes >= 2]
+    if len(sizes) == 0 or len(keep) < 2:
+        raise ValueError("no perturbation has 2 or more replicates")
+    rng = np.random.default_rng(seed)
+    draws = rng.choice(sizes, num_groups)
+    rows = np.concatenate([rng.choice(keep, s, replace=False) for s in draws])
+    fake = np.repeat(np.arange(num_groups), draws)
+    return mean_replicate_cosines(np.asarray(features)[rows], fake)[1]
+
+
+def perturbation_consistency_vs_random(features: np.ndarray, perturbations, drop: Sequence = (),
+                                       num_groups: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """`perturbation_consistency` with the random-group null instead of negative controls."""
+    labels = np.asarray(perturbations)
+    keep = ~pd.Index(labels).isin(list(drop))
+    uniques, metric = mean_replicate_cosines(np.asarray(features)[keep], labels[keep])
+    null = np.sort(random_group_null(features, labels, num_groups, drop, seed))
+    pval = 1 - np.searchsorted(null, metric, side="left") / len(null)
+    return pd.DataFrame({"pert": uniques, "avgcossim": metric, "pval": pval})
+
+
+# --- ViTally Consistent: KS and Cramer-von Mises ------------------------------------------------
+
+def _profiles(features: np.ndarray, perturbations: np.ndarray, replicates) -> tuple[np.ndarray, ...]:
+    """Mean profile per (perturbation, replicate) when replicate labels are given."""
+    if replicates is None:
+        return features, perturbations, np.arange(len(features))
+    key = pd.MultiIndex.from_arrays([perturbations, np.asarray(replicates)])
+    codes, uniques = pd.factorize(key)
+    order = np.argsort(codes, kind="stable")
+    counts = np.bincount(codes)
+    sums = np.add.reduceat(features[order], np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0)
+    means = sums / counts[:, None]
+    return (means.astype(features.dtype), uniques.get_level_values(0).to_numpy(),
+            uniques.get_level_values(1).to_numpy())
+
+
+def replicate_pair_cosines(features: np.ndarray, perturbations, replicates=None) -> np.ndarray:
+    """Cosines of all pairs of profiles of the same perturbation (from different replicates when
+    `replicates` is given: rows are first averaged per (perturbation, replicate))."""
+    x, perts, reps = _profiles(np.asarray(features), np.asarray(perturbations), replicates)
+    _, order, sizes = _groups(perts)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    out = []
+    for size in np.unique(sizes[sizes >= 2]):
+        groups = np.flatnonzero(sizes == size)
+        rows = order[starts[groups][:, None] + np.arange(size)]
+        unit = _unit_rows(x[rows])
+        cos = np.einsum("grd,gsd->grs", unit, unit)
+        low_r, low_c = np.tril_indices(size, k=-1)
+        differ = reps[rows][:, low_r] != reps[rows][:, low_c]
+        out.append(cos[:, low_r, low_c][differ])
+    return np.concatenate(out) if out else np.empty(0, x.dtype)
+
+
+def non_replicate_pair_cosines(features: np.ndarray, perturbations, num_pairs: int,
+                               replicates=None, seed: int = 0) -> np.ndarray:
+    """Cosines of `num_pairs` random profile pairs from different perturbations (and different
+    replicates when given), drawn with a fixed seed."""
+    x, perts, reps = _profiles(np.asarray(features), np.asarray(perturbations), replicates)
+    unit = _unit_rows(x)
+    codes = pd.factorize(perts)[0]
+    rng = np.random.default_rng(seed)
+    found, total = [], 0
+    for _ in range(100):  # rejection sampling; almost every draw qualifies in a real screen
+        i = rng.integers(0, len(x), 2 * num_pairs)
+        j = rng.integers(0, len(x), 2 * num_pairs)
+        ok = codes[i] != codes[j]
+        if replicates is not None:
+            ok &= reps[i] != reps[j]
+        i, j = i[ok], j[ok]
+        found.append(np.einsum("nd,nd->n", unit[i], unit[j]))
+        total += len(i)
+        if total >= num_pairs:
+            break
+    if total == 0:
+        raise ValueError("no pair of profiles from different perturbations (and replicates)")
+    return np.concatenate(found)[:num_pairs]
+
+
+def replicate_consistency(features: np.ndarray, perturbations, replicates=None, drop: Sequence = (),
+                          null_pairs: int | None = None, seed: int = 0) -> dict:
+    """KS and Cramer-von Mises statistics of replicate-pair cosines vs non-replicate-pair cosines.
+
+    features: (rows, d) embeddings; perturbations: (rows,) labels; replicates: optional (rows,)
+    replicate unit (e.g. experiment/batch): rows are averaged per (perturbation, replicate) and
+    only cross-replicate pairs count, so the statistic measures consistency across batches.
+    drop: labels removed first (controls). null_pairs: size of the null sample (default: as many
+    as replicate pairs, at least 10,000). Larger statistics mean more consistent replicates.
+    """
+    labels = np.asarray(perturbations)
+    keep = ~pd.Index(labels).isin(list(drop))
+    x = np.asarray(features)[keep]
+    reps = None if replicates is None else np.asarray(replicates)[keep]
+    rep = replicate_pair_cosines(x, labels[keep], reps)
+    if len(rep) == 0:
+        raise ValueError("no perturbation has two replicate profiles")
+    null = non_replicate_pair_cosines(x, labels[keep], null_pairs or max(len(rep), 10_000), reps, seed)
+    ks = stats.ks_2samp(rep, null)
+    cvm = stats.cramervonmises_2samp(rep, null)
+    return {"ks_statistic": float(ks.statistic), "ks_pvalue": float(ks.pvalue),
+            "cvm_statistic": float(cvm.statistic), "cvm_pvalue": float(cvm.pvalue),
+            "num_replicate_pairs": int(len(rep)), "num_null_pairs": int(len(null)),
+            "median_replicate_cosine": float(np.median(rep)), "median_null_cosine": float(np.median(null))}

@@ -1,0 +1,457 @@
+"""EFAAR map building: PCA, centerscale, TVN and aggregation, equal to efaar_benchmarking 1.0.
+
+Embeddings (one row per well or crop) go through
+  embed_by_pca          StandardScaler per batch on all rows, then exact PCA (sklearn `fit_transform`);
+  centerscale_on_controls / tvn_on_controls   batch correction fitted on control rows;
+  aggregate             mean or median per perturbation, control rows dropped;
+and `build_map` chains them. Every function takes plain numpy arrays (plus label arrays for
+batches / perturbations) and returns numpy arrays in the input's float dtype, as sklearn does, so a
+float64 input reproduces the EFAAR goldens to ~1e-12 and a float32 input runs at float32 speed.
+
+The PCA is the heavy part at genome scale (322k rows x 1664 features per block): it streams row
+chunks (standardise, accumulate z^T z, project), so the standardised copy of the input is never
+materialised (peak memory ~ input + output + one chunk). On CPU the chunks go through reused numpy
+buffers (syrk for z^T z); on an accelerator through jitted jax kernels (`backend`). The rest works on
+(rows x components) matrices and stays in numpy.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from scipy import linalg, sparse
+from threadpoolctl import threadpool_limits
+
+CHUNK_ROWS = 32768  # rows per streamed chunk: ~200 MB of float32 at 1664 features
+
+
+def _as_float(x: np.ndarray, name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (rows, features) array, got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    return x
+
+
+def _codes(labels, n: int, name: str) -> tuple[np.ndarray, int]:
+    """Integer codes 0..B-1 for a label array (None -> one group)."""
+    if labels is None:
+        return np.zeros(n, np.int32), 1
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"{name} has shape {labels.shape}, expected ({n},) to match the rows")
+    codes, uniques = pd.factorize(labels)
+    if (codes < 0).any():
+        raise ValueError(f"{name} contains missing values (NaN/None)")
+    return codes.astype(np.int32), len(uniques)
+
+
+def single_threaded_lapack() -> contextlib.AbstractContextManager:
+    """OpenBLAS's threaded symmetric eigensolver (dsytrd's level-2 steps) is slower than one thread
+    for d ~ 100-2000, and 10-40x slower when the cores are shared (measured 0.4 s vs 16 s for
+    d = 1664 on a busy 2-core box); level-3 BLAS elsewhere keeps all threads."""
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _precision(dtype) -> contextlib.AbstractContextManager:
+    """float64 inputs need jax's x64 mode; scoped so the caller's jax config is untouched."""
+    return jax.enable_x64(True) if np.dtype(dtype) == np.float64 else contextlib.nullcontext()
+
+
+def _chunks(n: int, chunk_rows: int):
+    """Near-equal row slices, so the jitted kernels see at most two shapes."""
+    count = max(1, -(-n // chunk_rows))
+    size = -(-n // count)
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+# --- StandardScaler statistics ------------------------------------------------------------------
+
+def _constant_features(var: np.ndarray, mean: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """sklearn's `_is_constant_feature`: variance indistinguishable from rounding noise."""
+    eps = np.finfo(np.float64).eps
+    return var <= n * eps * var + (n * mean * eps) ** 2
+
+
+def _scaler(mean: np.ndarray, var: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) as StandardScaler stores them: scale 1 for constant features."""
+    scale = np.sqrt(var)
+    scale[_constant_features(var, mean, np.reshape(count, (-1,) + (1,) * (var.ndim - 1)))] = 1.0
+    return mean, scale
+
+
+def _pieces(codes: np.ndarray, num_groups: int, chunk_rows: int):
+    """(rows, group) pieces of at most chunk_rows rows from one group each. `rows` is a slice (a
+    view, no copy) when the group's rows are contiguous, as in batch-sorted data, else indices."""
+    for g in range(num_groups):
+        idx = np.flatnonzero(codes == g)
+        if len(idx) == 0:
+            raise ValueError(f"batch #{g} has no rows")
+        contiguous = idx[-1] - idx[0] + 1 == len(idx)
+        for start in range(0, len(idx), chunk_rows):
+            part = idx[start:start + chunk_rows]
+            yield (slice(part[0], part[-1] + 1) if contiguous else part), g
+
+
+def _use_jax(backend: str) -> bool:
+    """'numpy' streams through host buffers (fastest on CPU: no host->device copies, and numpy's
+    syrk does half the flops of a dot for z^T z); 'jax' runs jitted chunk kernels (accelerators);
+    'auto' picks jax only when jax's default device is not a CPU."""
+    if backend not in ("auto", "numpy", "jax"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'jax', got {backend!r}")
+    return backend == "jax" or (backend == "auto" and jax.default_backend() != "cpu")
+
+
+@functools.partial(jax.jit, static_argnames="num_groups")
+def _moments_kernel(x, codes, shift, num_groups: int):
+    """Per-group row count, sum and sum of squares of x - shift[group]."""
+    centered = x - shift[codes]
+    count = jax.ops.segment_sum(jnp.ones(len(x), x.dtype), codes, num_groups)
+    return (count, jax.ops.segment_sum(centered, codes, num_groups),
+            jax.ops.segment_sum(centered * centered, codes, num_groups))
+
+
+def batch_moments(x: np.ndarray, codes: np.ndarray, num_groups: int, chunk_rows: int = CHUNK_ROWS,
+                  backend: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-group count, mean and biased variance of the rows of x (float64), streamed in chunks.
+
+    Deviations are summed from a shift near the mean (the group's first chunk mean) and both the
+    mean and the variance are corrected with them (sklearn's `_incremental_mean_and_var` does the
+    same), so float32 keeps its precision even when batch offsets dwarf the spread.
+    """
+    dt, d = x.dtype, x.shape[1]
+    count = np.zeros(num_groups)
+    shift, dev, sq = np.zeros((num_groups, d)), np.zeros((num_groups, d)), np.zeros((num_groups, d))
+    if _use_jax(backend):
+        with _precision(dt):
+            for g in range(num_groups):   # shift: the mean of each group's first rows
+                rows = np.flatnonzero(codes == g)[:chunk_rows]
+                shift[g] = x[rows].mean(axis=0, dtype=np.float64) if len(rows) else 0.0
+            shift_j = jnp.asarray(shift, dt)
+            for sl in _chunks(len(x), chunk_rows):
+                c, s, s2 = _moments_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), shift_j, num_groups)
+                count, dev, sq = count + np.asarray(c), dev + np.asarray(s), sq + np.asarray(s2)
+        shift = shift.astype(dt).astype(np.float64)   # the kernel subtracted the rounded shift
+    else:
+        buf = np.empty((min(chunk_rows, len(x)), d), dt)
+        seen = np.zeros(num_groups, bool)
+        for rows, g in _pieces(codes, num_groups, chunk_rows):
+            piece = x[rows]
+            if not seen[g]:
+                seen[g] = True
+                shift[g] = piece.mean(axis=0, dtype=np.float64).astype(dt)
+            z = buf[:len(piece)]
+            np.subtract(piece, shift[g].astype(dt), out=z)
+            count[g] += len(piece)
+            dev[g] += z.sum(axis=0, dtype=np.float64)
+            np.square(z, out=z)
+            sq[g] += z.sum(axis=0, dtype=np.float64)
+    mean = shift + dev / count[:, None]
+    var = np.maximum((sq - dev ** 2 / count[:, None]) / count[:, None], 0.0)
+    return count, mean, var
+
+
+def centerscale_by_batch(features: np.ndarray, batches=None) -> np.ndarray:
+    """StandardScaler fitted and applied per batch on all rows (EFAAR `centerscale_by_batch`)."""
+    x = _as_float(features, "features")
+    codes, nb = _codes(batches, len(x), "batches")
+    count, mean, var = batch_moments(x, codes, nb)
+    mean, scale = _scaler(mean, var, count)
+    return ((x - mean[codes]) / scale[codes]).astype(x.dtype)
+
+
+# --- PCA ----------------------------------------------------------------------------------------
+
+@jax.jit
+def _gram_kernel(x, codes, mean, inv_scale):
+    z = (x - mean[codes]) * inv_scale[codes]
+    return z.T @ z, z.sum(axis=0)
+
+
+@jax.jit
+def _project_kernel(x, codes, mean, inv_scale, center, components):
+    z = (x - mean[codes]) * inv_scale[codes]
+    return (z - center) @ components.T
+
+
+def _n_components(n_components, explained: np.ndarray, limit: int) -> int:
+    """sklearn semantics: int, None (all) or a variance fraction in (0, 1)."""
+    if n_components is None:
+        return limit
+    if isinstance(n_components, float) and 0 < n_components < 1:
+        ratio = np.cumsum(explained / explained.sum())
+        return int(np.searchsorted(ratio, n_components, side="right") + 1)
+    k = int(n_components)
+    if not 1 <= k <= limit:
+        raise ValueError(f"n_components={n_components} must be in [1, {limit}] (min(rows, features))")
+    return k
+
+
+def _flip_signs(components: np.ndarray) -> np.ndarray:
+    """sklearn >= 1.5 `svd_flip(u_based_decision=False)`: largest |loading| of each axis positive."""
+    pivot = components[np.arange(len(components)), np.abs(components).argmax(axis=1)]
+    return components * np.where(pivot < 0, -1.0, 1.0)[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PCAFit:
+    components: np.ndarray          # (k, d), rows are principal axes (sklearn `components_`)
+    explained_variance: np.ndarray  # (k,)
+    center: np.ndarray              # (d,) mean of the (standardised) rows
+
+
+def _pca_on_standardized(x, codes, num_groups, mean, scale, n_components, chunk_rows,
+                         backend="auto") -> tuple[np.ndarray, PCAFit]:
+    """Exact PCA of z = (x - mean[codes]) / scale[codes] without materialising z.
+
+    The covariance is accumulated chunk by chunk, eigendecomposed in float64 and the top-k axes are
+    sign-fixed like sklearn. This is sklearn's `covariance_eigh` solver; sklearn's `full` solver
+    gives the same axes, and its `randomized` solver (chosen for > 1000 features) approximates them.
+    """
+    n, d = x.shape
+    if n < 2:
+        raise ValueError(f"PCA needs at least 2 rows, got {n}")
+    dt = x.dtype
+    inv = 1.0 / scale
+    gram, total = np.zeros((d, d)), np.zeros(d)
+    if _use_jax(backend):
+        with _precision(dt):
+            mean_j, inv_j = jnp.asarray(mean, dt), jnp.asarray(inv, dt)
+            for sl in _chunks(n, chunk_rows):
+                g, s = _gram_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), mean_j, inv_j)
+                gram, total = gram + np.asarray(g), total + np.asarray(s)
+    else:
+        buf = np.empty((min(chunk_rows, n), d), dt)
+        for rows, g in _pieces(codes, num_groups, chunk_rows):
+            z = _standardize_into(buf, x[rows], mean[g], inv[g])
+            gram += z.T @ z          # same buffer on both sides: numpy calls syrk
+            total += z.sum(axis=0, dtype=np.float64)
+    center = total / n
+    evals, components = _top_axes((gram - n * np.outer(center, center)) / (n - 1), n_components, n)
+    out = np.empty((n, len(evals)), dt)
+    if _use_jax(backend):
+        with _precision(dt):
+            comp_j, center_j = jnp.asarray(components, dt), jnp.asarray(center, dt)
+            for sl in _chunks(n, chunk_rows):
+                out[sl] = np.asarray(_project_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]),
+                                                     mean_j, inv_j, center_j, comp_j))
+    else:
+        axes = np.ascontiguousarray(components.T, dt)
+        for rows, g in _pieces(codes, num_groups, chunk_rows):
+            out[rows] = _standardize_into(buf, x[rows], mean[g], inv[g]) @ axes
+        out -= (center @ components.T).astype(dt)    # centring after the matmul saves a pass
+    return out, PCAFit(components, evals, center)
+
+
+def _top_axes(cov: np.ndarray, n_components, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(variances, sign-fixed axes (k, d)) of the k largest eigenpairs of a covariance, float64.
+
+    When k is known up front only those eigenpairs are computed (LAPACK MRRR), which makes the
+    eigendecomposition of a 1664-dim covariance per block cheaper.
+    """
+    d = len(cov)
+    limit = min(n, d)
+    is_fraction = isinstance(n_components, float) and 0 < n_components < 1
+    k = None if is_fraction else _n_components(n_components, None, limit)
+    with single_threaded_lapack():
+        if k is not None and k < d:
+            evals, evecs = linalg.eigh(cov, subset_by_index=[d - k, d - 1], driver="evr")
+        else:
+            evals, evecs = np.linalg.eigh(cov)
+    evals, evecs = np.maximum(evals[::-1], 0.0), evecs[:, ::-1]
+    k = k or _n_components(n_components, evals, limit)
+    return evals[:k], _flip_signs(evecs[:, :k].T)
+
+
+def _standardize_into(buf: np.ndarray, piece: np.ndarray, mean: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """(piece - mean) * inv written into the head of a reused buffer (no allocation per chunk)."""
+    z = buf[:len(piece)]
+    np.subtract(piece, mean.astype(buf.dtype), out=z)
+    z *= inv.astype(buf.dtype)
+    return z
+
+
+def pca(features: np.ndarray, n_components=128, chunk_rows: int = CHUNK_ROWS,
+        backend: str = "auto") -> np.ndarray:
+    """`sklearn.decomposition.PCA(n_components).fit_transform(features)`, exact and sign-matched."""
+    x = _as_float(features, "features")
+    d = x.shape[1]
+    out, _ = _pca_on_standardized(x, np.zeros(len(x), np.int32), 1, np.zeros((1, d)), np.ones((1, d)),
+                                  n_components, chunk_rows, backend)
+    return out
+
+
+def embed_by_pca(features: np.ndarray, batches=None, n_components=128,
+                 chunk_rows: int = CHUNK_ROWS, backend: str = "auto") -> np.ndarray:
+    """EFAAR `embed_by_pca`: centerscale per batch on all rows, then PCA(n_components).
+
+    n_components: int, None (all) or a fraction of variance to keep, as in sklearn.
+    Streams row chunks (peak memory ~ input + output + one chunk); `backend` see `_use_jax`.
+    """
+    x = _as_float(features, "features")
+    codes, nb = _codes(batches, len(x), "batches")
+    count, mean, var = batch_moments(x, codes, nb, chunk_rows, backend)
+    mean, scale = _scaler(mean, var, count)
+    out, _ = _pca_on_standardized(x, codes, nb, mean, scale, n_components, chunk_rows, backend)
+    return out
+
+
+# --- batch correction on controls ---------------------------------------------------------------
+
+def _control_mask(is_control, n: int) -> np.ndarray:
+    mask = np.asarray(is_control, bool)
+    if mask.shape != (n,):
+        raise ValueError(f"is_control has shape {mask.shape}, expected ({n},)")
+    return mask
+
+
+def _fit_scaler(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = rows.mean(axis=0, dtype=np.float64)
+    var = rows.var(axis=0, dtype=np.float64)
+    return _scaler(mean, var, len(rows))
+
+
+def _scale_on(x: np.ndarray, fit_rows: np.ndarray, where: str) -> np.ndarray:
+    if len(fit_rows) == 0:
+        raise ValueError(f"no control rows {where}")
+    mean, scale = _fit_scaler(fit_rows)
+    return (x - mean.astype(x.dtype)) / scale.astype(x.dtype)   # stays in the input dtype
+
+
+def centerscale_on_controls(embeddings: np.ndarray, is_control, batches=None) -> np.ndarray:
+    """StandardScaler fitted on control rows (per batch if given), applied to all rows of it."""
+    x = _as_float(embeddings, "embeddings").copy()
+    ctrl = _control_mask(is_control, len(x))
+    if batches is None:
+        return _scale_on(x, x[ctrl], "in the data")
+    codes, nb = _codes(batches, len(x), "batches")
+    for b in range(nb):
+        rows = codes == b
+        x[rows] = _scale_on(x[rows], x[rows & ctrl], f"in batch #{b}")
+    return x
+
+
+def _inverse_sqrt(cov: np.ndarray) -> np.ndarray:
+    """cov^(-1/2) of a symmetric positive-definite matrix (scipy `fractional_matrix_power(-0.5)`)."""
+    with single_threaded_lapack():
+        evals, evecs = np.linalg.eigh(cov)
+    return (evecs / np.sqrt(evals)) @ evecs.T
+
+
+def tvn_on_controls(embeddings: np.ndarray, is_control, batches=None) -> np.ndarray:
+    """Typical variation normalisation, EFAAR `tvn_on_controls`.
+
+    Global centerscale on controls, PCA (all components) fitted on controls and applied to all rows,
+    centerscale on controls again, then per batch X_b <- X_b (cov(controls_b) + 0.5 I)^(-1/2)
+    (CORAL-style whitening without per-batch re-centring).
+    """
+    x = _as_float(embeddings, "embeddings")
+    ctrl = _control_mask(is_control, len(x))
+    x = _scale_on(x, x[ctrl], "in the data")
+    controls = x[ctrl]
+    if len(controls) < 2:
+        raise ValueError(f"TVN needs at least 2 control rows, got {len(controls)}")
+    _, fit = _pca_on_standardized(controls, np.zeros(len(controls), np.int32), 1,
+                                  np.zeros((1, x.shape[1])), np.ones((1, x.shape[1])), None, CHUNK_ROWS,
+                                  backend="numpy")
+    x = (x - fit.center.astype(x.dtype)) @ fit.components.T.astype(x.dtype)
+    x = _scale_on(x, x[ctrl], "in the data")
+    if batches is None:
+        return x
+    codes, nb = _codes(batches, len(x), "batches")
+    ridge = 0.5 * np.eye(x.shape[1])
+    for b in range(nb):
+        rows = codes == b
+        batch_controls = x[rows & ctrl]
+        if len(batch_controls) < 2:
+            raise ValueError(f"TVN needs at least 2 control rows per batch; batch #{b} has "
+                             f"{len(batch_controls)}")
+        cov = np.cov(batch_controls, rowvar=False, ddof=1) + ridge
+        x[rows] = x[rows] @ _inverse_sqrt(cov).astype(x.dtype)
+    return x
+
+
+# --- aggregation --------------------------------------------------------------------------------
+
+def aggregate(embeddings: np.ndarray, perturbations, method: str = "mean",
+              drop: Sequence = ()) -> tuple[np.ndarray, np.ndarray]:
+    """One row per perturbation (sorted labels, as pandas groupby), rows labelled in `drop` removed.
+
+    Returns (features (P, d), labels (P,)). The mean is one sparse indicator matmul (no copy of
+    the rows); the median stacks the groups of each replicate count and takes np.median.
+    """
+    if method not in ("mean", "median"):
+        raise ValueError(f"aggregation method must be 'mean' or 'median', got {method!r}")
+    x = _as_float(embeddings, "embeddings")
+    labels = np.asarray(perturbations)
+    if labels.shape != (len(x),):
+        raise ValueError(f"perturbations has shape {labels.shape}, expected ({len(x)},)")
+    rows = np.flatnonzero(~pd.Index(labels).isin(list(drop)))
+    if len(rows) == 0:
+        raise ValueError("no rows left to aggregate after dropping controls")
+    codes, uniq = pd.factorize(labels[rows], sort=True)
+    counts = np.bincount(codes)
+    if method == "mean":
+        indicator = sparse.csr_matrix((np.ones(len(rows), x.dtype), (codes, rows)),
+                                      shape=(len(uniq), len(x)))
+        return (indicator @ x / counts[:, None]).astype(x.dtype), np.asarray(uniq)
+    grouped = x[rows[np.argsort(codes, kind="stable")]]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = np.empty((len(uniq), x.shape[1]), x.dtype)
+    for size in np.unique(counts):  # one vectorised median per replicate count
+        groups = np.flatnonzero(counts == size)
+        out[groups] = np.median(grouped[starts[groups][:, None] + np.arange(size)], axis=1)
+    return out, np.asarray(uniq)
+
+
+# --- the whole map ------------------------------------------------------------------------------
+
+CORRECTIONS = ("tvn", "centerscale", "none")
+
+
+@dataclasses.dataclass
+class PerturbationMap:
+    embeddings: np.ndarray  # (rows, k) well-level embeddings after PCA and batch correction
+    features: np.ndarray    # (P, k) aggregated map, controls removed
+    labels: np.ndarray      # (P,) perturbation of each map row, sorted
+
+
+def correct(embeddings: np.ndarray, is_control, batches, correction: str) -> np.ndarray:
+    """Batch correction by name: 'tvn', 'centerscale' (both on controls, per batch) or 'none'."""
+    if correction == "tvn":
+        return tvn_on_controls(embeddings, is_control, batches)
+    if correction == "centerscale":
+        return centerscale_on_controls(embeddings, is_control, batches)
+    if correction == "none":
+        return _as_float(embeddings, "embeddings")
+    raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+
+
+def build_map(features: np.ndarray, perturbations, control, batches=None, *, pca_components=128,
+              pca_batches=None, correction: str = "tvn", method: str = "mean",
+              drop: Sequence = ()) -> PerturbationMap:
+    """EFAAR map: embed_by_pca -> correction on controls -> aggregate (controls and `drop` removed).
+
+    features: (rows, d) well/crop embeddings; perturbations: (rows,) labels; control: the control
+    label; batches: (rows,) batch labels for the correction (and the PCA pre-scaling unless
+    `pca_batches` is given, as EFAAR's notebook uses plates there). pca_components=0 skips PCA.
+    """
+    labels = np.asarray(perturbations)
+    is_control = labels == control
+    if not is_control.any():
+        raise ValueError(f"control label {control!r} does not occur in the perturbations")
+    if pca_components == 0:
+        emb = _as_float(features, "features")
+    else:
+        emb = embed_by_pca(features, batches if pca_batches is None else pca_batches, pca_components)
+    emb = correct(emb, is_control, batches, correction)
+    feats, map_labels = aggregate(emb, labels, method, drop=[control, *drop])
+    return PerturbationMap(emb, feats, map_labels)

@@ -1,0 +1,233 @@
+"""Benchmark any embeddings as an EFAAR map: PCA -> batch correction -> aggregate -> recall.
+
+  python -m eval.map_benchmark --features F.parquet --perturbation_col gene --batch_col batch \\
+      --control non-targeting --pca_components 128 --correction tvn --aggregate mean \\
+      --annotations ../shared/reference/efaar_annotations --out report.json [--plot recall.png]
+
+Feature columns are those named `feature_*` (the RxRx3-core embedding format); the other columns
+are metadata. Metadata may come from a separate table (`--metadata`, joined on `--join_on`), rows
+may be averaged per well first (`--average_by`) and filtered (`--where col=value`), which is what
+OpenPhenom's RxRx3-core parquet needs. report.json holds the `recall` records (EFAAR's
+known_relationship_benchmark columns), the replicate `consistency` summary, and what was run.
+`evaluate_map` is the same benchmark as a function over arrays (e.g. for every block of a model).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from eval import consistency, efaar, plots, recall
+
+FEATURE_PREFIX = "feature_"
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist")
+    if path.endswith((".csv", ".csv.gz", ".tsv")):
+        return pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types for a non-parquet file
+        raise ValueError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from e
+
+
+def load_embeddings(path: str, metadata_path: str | None = None, join_on: str = "well_id",
+                    where: Sequence[str] = (), average_by: str | None = None,
+                    dtype: str | None = None) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
+    """Reads a `feature_*` table (+ optional metadata join, filters, per-key averaging).
+
+    Returns (features (rows, d), metadata (rows, ...), feature column names).
+    """
+    df = _read_table(path)
+    feature_cols = [c for c in df.columns if str(c).startswith(FEATURE_PREFIX)]
+    if not feature_cols:
+        raise ValueError(f"{path}: no '{FEATURE_PREFIX}*' columns (columns: {list(df.columns)[:20]})")
+    bad = [c for c in feature_cols if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise ValueError(f"{path}: feature columns are not numeric: {bad[:10]}")
+    if metadata_path:
+        meta = _read_table(metadata_path)
+        for name, table in ((path, df), (metadata_path, meta)):
+            if join_on not in table.columns:
+                raise ValueError(f"{name}: no join column {join_on!r}")
+        meta = meta.drop(columns=[c for c in meta.columns if c in df.columns and c != join_on])
+        df = df.merge(meta, on=join_on, how="inner")
+        if df.empty:
+            raise ValueError(f"no {join_on!r} value of {path} occurs in {metadata_path}")
+    for cond in where:
+        col, sep, value = cond.partition("=")
+        if not sep or col not in df.columns:
+            raise ValueError(f"--where {cond!r}: expected COLUMN=VALUE with a column of {path}")
+        df = df[df[col].astype(str) == value]
+        if df.empty:
+            raise ValueError(f"--where {cond!r} leaves no rows")
+    if average_by:
+        if average_by not in df.columns:
+            raise ValueError(f"{path}: no column {average_by!r} to average by")
+        meta_cols = [c for c in df.columns if c not in feature_cols]
+        df = df.groupby(average_by, sort=False).agg(
+            {**{c: "mean" for c in feature_cols}, **{c: "first" for c in meta_cols if c != average_by}}
+        ).reset_index()
+    features = df[feature_cols].to_numpy()
+    if dtype:
+        features = features.astype(dtype)
+    elif not np.issubdtype(features.dtype, np.floating):
+        features = features.astype(np.float64)
+    nan_rows = ~np.isfinite(features).all(axis=1)
+    if nan_rows.any():
+        cols = [c for c, bad in zip(feature_cols, ~np.isfinite(features).all(axis=0)) if bad]
+        raise ValueError(f"{path}: {int(nan_rows.sum())} rows have NaN/inf features "
+                         f"(columns {cols[:10]}); drop or impute them first")
+    return features, df.drop(columns=feature_cols).reset_index(drop=True), feature_cols
+
+
+def _check_column(meta: pd.DataFrame, col: str, flag: str, path: str) -> np.ndarray:
+    if col not in meta.columns:
+        raise ValueError(f"{path}: no column {col!r} ({flag}); columns are {list(meta.columns)}")
+    values = meta[col]
+    if values.isna().any():
+        raise ValueError(f"{path}: column {col!r} has {int(values.isna().sum())} missing values")
+    return values.to_numpy()
+
+
+def _parse_thresholds(items: Sequence[str]) -> list[tuple[float, float]]:
+    pairs = []
+    for item in items:
+        try:
+            lo, hi = (float(v) for v in item.split(","))
+        except ValueError:
+            raise ValueError(f"--thresholds {item!r}: expected LO,HI such as 0.05,0.95") from None
+        pairs.append((lo, hi))
+    return pairs
+
+
+def _negative_controls(arg: str | None) -> list[str] | None:
+    if not arg:
+        return None
+    if os.path.isfile(arg):
+        with open(arg) as f:
+            return [line.strip() for line in f if line.strip()]
+    return [v for v in arg.split(",") if v]
+
+
+def evaluate_map(features: np.ndarray, perturbations, control, batches, annotations, *,
+                 pca_components=128, pca_batches=None, correction: str = "tvn", method: str = "mean",
+                 drop: Sequence = (), sources=None, thresholds=recall.RECALL_THRESHOLDS,
+                 negative_controls: Sequence | None = None, seed: int = 0):
+    """Map + benchmarks for one set of embeddings (e.g. one transformer block).
+
+    Returns ({"recall": [...], "consistency": {...}}, the PerturbationMap, the similarities used
+    for recall, e.g. to plot). The consistency null is `negative_controls` when given (EFAAR),
+    otherwise random groups of rows; replicate consistency uses the batches as replicate units.
+    """
+    perts = np.asarray(perturbations)
+    pmap = efaar.build_map(features, perts, control, batches, pca_components=pca_components,
+                           pca_batches=pca_batches, correction=correction, method=method, drop=drop)
+    sims = recall.relationship_similarities(pmap.features, pmap.labels, annotations, sources)
+    dropped = [control, *drop]
+    if negative_controls:
+        table = consistency.perturbation_consistency(pmap.embeddings, perts, negative_controls,
+                                                     drop=dropped)
+    else:
+        table = consistency.perturbation_consistency_vs_random(pmap.embeddings, perts, drop=dropped,
+                                                               seed=seed)
+    summary = {
+        "perturbation_consistency": {"null": "negative_controls" if negative_controls else "random_groups",
+                                     **consistency.consistency_summary(table)},
+        "replicate_consistency": consistency.replicate_consistency(pmap.embeddings, perts, batches,
+                                                                   drop=dropped, seed=seed),
+    }
+    return {"recall": recall.recall_table(sims, thresholds), "consistency": summary}, pmap, sims
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole CLI benchmark; returns the report (also written to args.out)."""
+    t = time.perf_counter()
+    features, meta, _ = load_embeddings(args.features, args.metadata, args.join_on, args.where,
+                                        args.average_by, args.dtype)
+    perts = _check_column(meta, args.perturbation_col, "--perturbation_col", args.features).astype(str)
+    batches = _check_column(meta, args.batch_col, "--batch_col", args.features)
+    pca_batches = (_check_column(meta, args.pca_batch_col, "--pca_batch_col", args.features)
+                   if args.pca_batch_col else None)
+    if not (perts == args.control).any():
+        examples = pd.unique(perts)[:10].tolist()
+        raise ValueError(f"{args.features}: control {args.control!r} does not occur in column "
+                         f"{args.perturbation_col!r} (values include {examples})")
+    thresholds = _parse_thresholds(args.thresholds)
+    load_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report, pmap, sims = evaluate_map(
+        features, perts, args.control, batches, args.annotations, pca_components=args.pca_components,
+        pca_batches=pca_batches, correction=args.correction, method=args.aggregate, drop=args.drop,
+        sources=args.sources, thresholds=thresholds,
+        negative_controls=_negative_controls(args.negative_controls), seed=args.seed)
+    report["consistency"]["replicate_consistency"]["replicates"] = args.batch_col
+    report["map"] = {"rows": int(len(features)), "features": int(features.shape[1]),
+                     "dims": int(pmap.features.shape[1]), "perturbations": int(len(pmap.labels)),
+                     "control_rows": int((perts == args.control).sum()),
+                     "batches": int(len(pd.unique(batches)))}
+    report["config"] = dict(vars(args))
+    report["timings_s"] = {"load": round(load_s, 3), "benchmark": round(time.perf_counter() - t, 3)}
+    if args.plot:
+        plots.plot_similarity_distribution(sims, args.plot, thresholds[:1],
+                                           title=os.path.basename(args.features))
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    return report
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.map_benchmark", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features", required=True, help="parquet/CSV with feature_* columns")
+    p.add_argument("--perturbation_col", required=True)
+    p.add_argument("--batch_col", required=True, help="batch for the correction (and PCA scaling)")
+    p.add_argument("--control", required=True, help="control label in --perturbation_col")
+    p.add_argument("--pca_components", type=int, default=128, help="0 skips PCA")
+    p.add_argument("--correction", choices=efaar.CORRECTIONS, default="tvn")
+    p.add_argument("--aggregate", choices=("mean", "median"), default="mean")
+    p.add_argument("--annotations", required=True, help="folder of <Source>.txt relationship tables")
+    p.add_argument("--out", required=True, help="report.json path")
+    p.add_argument("--thresholds", nargs="+", default=["0.05,0.95", "0.1,0.9"], metavar="LO,HI")
+    p.add_argument("--sources", nargs="+", default=None, help="default: every table in --annotations")
+    p.add_argument("--plot", default=None, help="PNG of the similarity distributions")
+    p.add_argument("--pca_batch_col", default=None, help="batch for the pre-PCA scaling (default --batch_col)")
+    p.add_argument("--drop", nargs="+", default=[], help="more perturbation labels to leave out of the map")
+    p.add_argument("--negative_controls", default=None,
+                   help="comma list or file of perturbations forming the consistency null "
+                        "(default: random groups of rows)")
+    p.add_argument("--metadata", default=None, help="table joined to --features on --join_on")
+    p.add_argument("--join_on", default="well_id")
+    p.add_argument("--where", nargs="+", default=[], metavar="COL=VALUE", help="keep matching rows")
+    p.add_argument("--average_by", default=None, help="average rows per value of this column first")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="compute dtype (default: the features' dtype, as EFAAR/sklearn)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        report = run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for rec in report["recall"]:
+        print(json.dumps(rec))
+    print(json.dumps(report["consistency"]))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

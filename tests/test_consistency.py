@@ -1,0 +1,77 @@
+"""Replicate consistency: EFAAR's benchmark equals the golden; KS/CvM respond to replicate signal."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from eval import consistency
+from tests.reference_data import GOLDEN, require
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return dict(np.load(require(GOLDEN) / "golden.npz"))
+
+
+def test_perturbation_consistency_equals_golden(golden):
+    genes = golden["genes"]
+    negatives = pd.unique(genes[genes != "non-targeting"])[:50]   # how the golden was made
+    table = consistency.perturbation_consistency(golden["emb_tvn"], genes, negatives,
+                                                 drop=["non-targeting"])
+    assert table["pert"].tolist() == golden["cons_pert"].tolist()
+    assert np.abs(table["avgcossim"].to_numpy() - golden["cons_avgcossim"]).max() < 1e-13  # 3.3e-16
+    np.testing.assert_array_equal(table["pval"].to_numpy(), golden["cons_pval"])
+    summary = consistency.consistency_summary(table)
+    assert summary["fraction_consistent"] == np.mean(golden["cons_pval"] <= 0.05)
+
+
+def test_metric_is_mean_lower_triangle_cosine():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 4))
+    labels = np.array(["a", "a", "a", "b", "b", "b", "c"])
+    perts, metric = consistency.mean_replicate_cosines(x, labels)
+    unit = x[:3] / np.linalg.norm(x[:3], axis=1, keepdims=True)
+    cos = unit @ unit.T
+    assert perts.tolist() == ["a", "b", "c"]
+    assert metric[0] == pytest.approx(cos[np.tril_indices(3, -1)].mean(), abs=1e-15)
+    assert np.isnan(metric[2])   # a single replicate has no pairs
+
+
+def _screen(signal, seed=0, perts=60, batches=3, reps=2, dim=16):
+    rng = np.random.default_rng(seed)
+    effect = rng.standard_normal((perts, dim))
+    rows = [(p, b) for p in range(perts) for b in range(batches) for _ in range(reps)]
+    p, b = np.array(rows).T
+    x = signal * effect[p] + rng.standard_normal((len(rows), dim))
+    return x, np.array([f"g{i}" for i in p]), b
+
+
+def test_ks_and_cvm_grow_with_replicate_signal():
+    weak = consistency.replicate_consistency(*_screen(0.0))
+    strong = consistency.replicate_consistency(*_screen(1.5))
+    assert weak["ks_statistic"] < 0.1 and weak["ks_pvalue"] > 1e-3
+    assert strong["ks_statistic"] > 0.5 and strong["cvm_statistic"] > 10 * weak["cvm_statistic"]
+    assert strong["median_replicate_cosine"] > strong["median_null_cosine"] + 0.3
+    # 60 perturbations x 3 batch profiles -> 3 cross-batch pairs each
+    assert strong["num_replicate_pairs"] == 60 * 3
+
+
+def test_replicate_pairs_only_across_replicate_units():
+    x, perts, batch = _screen(1.0, perts=4, batches=2, reps=3)
+    within_and_across = consistency.replicate_pair_cosines(x, perts)
+    across = consistency.replicate_pair_cosines(x, perts, batch)
+    assert len(within_and_across) == 4 * 15 and len(across) == 4 * 1
+
+
+def test_random_group_null_detects_signal():
+    x, perts, _ = _screen(1.5)
+    table = consistency.perturbation_consistency_vs_random(x, perts)
+    assert consistency.consistency_summary(table)["fraction_consistent"] > 0.9
+    x, perts, _ = _screen(0.0)
+    table = consistency.perturbation_consistency_vs_random(x, perts)
+    assert consistency.consistency_summary(table)["fraction_consistent"] < 0.2
+
+
+def test_missing_negative_controls_raise():
+    x, perts, _ = _screen(1.0, perts=5)
+    with pytest.raises(ValueError, match="negative-control"):
+        consistency.perturbation_consistency(x, perts, ["not-there"])

@@ -1,0 +1,104 @@
+"""EFAAR map building equals the efaar_benchmarking 1.0 goldens (golden.npz)."""
+import numpy as np
+import pytest
+
+from eval import efaar
+from tests.reference_data import GOLDEN, require
+
+CONTROL = "non-targeting"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return dict(np.load(require(GOLDEN) / "golden.npz"))
+
+
+def _cosines(x):
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return u @ u.T
+
+
+def _sign_aligned(ours, ref):
+    """Flip each column of `ours` to the sign of `ref` (PCA axes are defined up to sign)."""
+    return ours * np.sign(np.sum(ours * ref, axis=0))
+
+
+def test_pca_matches_sklearn_fit_transform(golden):
+    emb = efaar.embed_by_pca(golden["X"], golden["batch"], n_components=16)
+    ref = golden["emb_pca"]
+    assert emb.shape == ref.shape and emb.dtype == np.float64
+    assert np.abs(_sign_aligned(emb, ref) - ref).max() < 1e-10          # measured 1.3e-12
+    assert np.abs(_cosines(emb) - _cosines(ref)).max() < 1e-10
+    # sklearn >= 1.5 sign convention is reproduced too, not only up to sign
+    assert np.abs(emb - ref).max() < 1e-10
+
+
+def test_centerscale_on_controls_per_batch(golden):
+    ctrl = golden["genes"] == CONTROL
+    out = efaar.centerscale_on_controls(golden["emb_pca"], ctrl, golden["batch"])
+    assert np.abs(out - golden["emb_cs"]).max() < 1e-12                  # measured 0.0
+    b0 = (golden["batch"] == "b0") & ctrl
+    np.testing.assert_allclose(out[b0].mean(0), 0, atol=1e-12)
+    np.testing.assert_allclose(out[b0].std(0), 1, atol=1e-12)
+
+
+def test_tvn_on_controls_per_batch(golden):
+    ctrl = golden["genes"] == CONTROL
+    out = efaar.tvn_on_controls(golden["emb_pca"], ctrl, golden["batch"])
+    assert np.abs(_sign_aligned(out, golden["emb_tvn"]) - golden["emb_tvn"]).max() < 1e-11  # 8.6e-14
+    assert np.abs(_cosines(out) - _cosines(golden["emb_tvn"])).max() < 1e-11
+
+
+def test_aggregate_mean_and_median(golden):
+    feats, labels = efaar.aggregate(golden["emb_tvn"], golden["genes"], "mean", drop=[CONTROL])
+    assert (labels == golden["map_genes"]).all()
+    assert np.abs(feats - golden["map_features"]).max() < 1e-13          # measured 1.3e-15
+    med, _ = efaar.aggregate(golden["emb_tvn"], golden["genes"], "median", drop=[CONTROL])
+    rows = golden["genes"] == labels[7]
+    np.testing.assert_array_equal(med[7], np.median(golden["emb_tvn"][rows], axis=0))
+
+
+def test_build_map_from_raw_features(golden):
+    pmap = efaar.build_map(golden["X"], golden["genes"], CONTROL, golden["batch"], pca_components=16)
+    assert (pmap.labels == golden["map_genes"]).all()
+    ref = golden["map_features"]
+    assert np.abs(_cosines(pmap.features) - _cosines(ref)).max() < 1e-10   # measured ~1e-12
+    assert pmap.embeddings.shape == golden["emb_tvn"].shape
+
+
+def test_float32_input_stays_float32_and_close(golden):
+    emb = efaar.embed_by_pca(golden["X"].astype(np.float32), golden["batch"], n_components=16)
+    assert emb.dtype == np.float32
+    assert np.abs(_sign_aligned(emb, golden["emb_pca"]) - golden["emb_pca"]).max() < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_streamed_chunks_and_backends_agree(golden, backend):
+    """Chunked streaming (genome scale) and the jax kernels (accelerators) give the same PCA,
+    also when batches are interleaved rather than contiguous."""
+    x, b = golden["X"], golden["batch"]
+    one = efaar.embed_by_pca(x, b, 16, backend="numpy", chunk_rows=len(x))
+    chunked = efaar.embed_by_pca(x, b, 16, chunk_rows=500, backend=backend)
+    assert np.abs(one - chunked).max() < 1e-11
+    perm = np.random.default_rng(0).permutation(len(x))
+    shuffled = efaar.embed_by_pca(x[perm], b[perm], 16, chunk_rows=700, backend=backend)
+    assert np.abs(shuffled - one[perm]).max() < 1e-11
+
+
+def test_variance_fraction_components(golden):
+    emb = efaar.pca(golden["X"], n_components=0.5)
+    full = efaar.pca(golden["X"], n_components=None)
+    var = full.var(axis=0)
+    k = int(np.searchsorted(np.cumsum(var / var.sum()), 0.5, side="right") + 1)
+    assert emb.shape[1] == k
+
+
+def test_errors_name_the_problem(golden):
+    with pytest.raises(ValueError, match="does not occur"):
+        efaar.build_map(golden["X"], golden["genes"], "no-such-control", golden["batch"])
+    with pytest.raises(ValueError, match="mean' or 'median"):
+        efaar.aggregate(golden["X"], golden["genes"], "mode")
+    with pytest.raises(ValueError, match="correction must be"):
+        efaar.correct(golden["X"], golden["genes"] == CONTROL, golden["batch"], "combat")
+    with pytest.raises(ValueError, match="n_components"):
+        efaar.pca(golden["X"], n_components=64)

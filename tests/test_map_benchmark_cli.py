@@ -1,0 +1,108 @@
+"""`python -m eval.map_benchmark` end to end on generated parquet files, and its error messages."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eval import map_benchmark
+from tests.reference_data import ANNOTATIONS, GOLDEN, require
+
+
+def _run(tmp_path, features, annotations, *extra, perturbation_col="gene", control="non-targeting"):
+    out = tmp_path / "report.json"
+    code = map_benchmark.main(["--features", str(features), "--perturbation_col", perturbation_col,
+                               "--batch_col", "batch", "--control", control, "--annotations",
+                               str(annotations), "--out", str(out), *extra])
+    return code, (json.loads(out.read_text()) if code == 0 else None)
+
+
+def test_golden_raw_features_reproduce_efaar_recall(tmp_path):
+    g = np.load(require(GOLDEN) / "golden.npz")
+    df = pd.DataFrame(g["X"], columns=[f"feature_{i}" for i in range(g["X"].shape[1])])
+    df["gene"], df["batch"] = g["genes"], g["batch"]
+    df.to_parquet(tmp_path / "x.parquet")
+    code, report = _run(tmp_path, tmp_path / "x.parquet", require(ANNOTATIONS), "--pca_components", "16",
+                        "--correction", "tvn", "--aggregate", "mean", "--plot", str(tmp_path / "r.png"))
+    assert code == 0
+    with open(GOLDEN / "golden_results.json") as f:
+        assert report["recall"] == json.load(f)["known_relationship_benchmark"]
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    assert report["map"]["perturbations"] == 300 and report["map"]["dims"] == 16
+    rc = report["consistency"]["replicate_consistency"]
+    assert rc["replicates"] == "batch" and 0 <= rc["ks_statistic"] <= 1
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """30 genes in 6 complexes (shared effect), 3 batches with offsets, 12 controls per batch."""
+    root = tmp_path_factory.mktemp("screen")
+    rng = np.random.default_rng(0)
+    genes = [f"G{i:02d}" for i in range(30)]
+    complex_effect = rng.standard_normal((6, 24)) * 3
+    rows = []
+    for b in range(3):
+        offset = rng.standard_normal(24) * 5
+        for i, gene in enumerate(genes):
+            for _ in range(2):
+                rows.append((gene, f"b{b}", complex_effect[i // 5] + offset + rng.standard_normal(24)))
+        rows += [("ctrl", f"b{b}", offset + rng.standard_normal(24)) for _ in range(12)]
+    df = pd.DataFrame(np.stack([r[2] for r in rows]).astype(np.float32),
+                      columns=[f"feature_{i}" for i in range(24)])
+    df["gene"], df["batch"] = [r[0] for r in rows], [r[1] for r in rows]
+    df["well_id"] = [f"w{i}" for i in range(len(df))]
+    df.to_parquet(root / "screen.parquet")
+    ann = root / "annotations"
+    ann.mkdir()
+    pairs = [(genes[c * 5 + i], genes[c * 5 + j]) for c in range(6) for i in range(5) for j in range(i)]
+    (ann / "SyntheticComplex.txt").write_text("entity1,entity2\n" + "".join(f"{a},{b}\n" for a, b in pairs))
+    (ann / "Unrelated.txt").write_text("entity1,entity2\nG00,G29\nG01,G28\n")
+    (ann / "README.txt").write_text("not a table\n")
+    return root, ann, df
+
+
+def test_synthetic_screen_recalls_its_complexes(tmp_path, synthetic):
+    root, ann, _ = synthetic
+    code, report = _run(tmp_path, root / "screen.parquet", ann, "--control", "ctrl",
+                        "--pca_components", "8", "--correction", "centerscale", "--aggregate", "median",
+                        "--thresholds", "0.05,0.95", "0.2,0.8", control="ctrl")
+    assert code == 0
+    rec = {r["source"]: r for r in report["recall"]}
+    assert set(rec) == {"SyntheticComplex", "Unrelated"}
+    assert rec["SyntheticComplex"]["query_distribution_size"] == 60
+    assert rec["SyntheticComplex"]["null_distribution_size"] == 30 * 29 // 2
+    # the 60 complex pairs are the most similar of the 435: the top 5% (21 pairs) holds only
+    # 21 of them, the top 20% all of them (random would give 0.10 and 0.40)
+    assert rec["SyntheticComplex"]["recall_0.05_0.95"] == 21 / 60
+    assert rec["SyntheticComplex"]["recall_0.2_0.8"] == 1.0
+    assert report["consistency"]["perturbation_consistency"]["fraction_consistent"] > 0.9
+    code, report = _run(tmp_path, root / "screen.parquet", ann, "--sources", "Unrelated",
+                        "--correction", "none", "--pca_components", "0", control="ctrl")
+    assert code == 0 and [r["source"] for r in report["recall"]] == ["Unrelated"]
+
+
+def test_metadata_join_filter_and_well_averaging(tmp_path, synthetic):
+    root, ann, df = synthetic
+    feats = pd.concat([df[["well_id"] + [c for c in df if c.startswith("feature_")]]] * 2)  # 2 tiles/well
+    feats.to_parquet(tmp_path / "tiles.parquet")
+    meta = df[["well_id", "gene", "batch"]].assign(kind=np.where(df.gene == "G29", "drop", "keep"))
+    meta.to_csv(tmp_path / "meta.csv", index=False)
+    code, report = _run(tmp_path, tmp_path / "tiles.parquet", ann, "--metadata", str(tmp_path / "meta.csv"),
+                        "--average_by", "well_id", "--where", "kind=keep", "--pca_components", "8",
+                        control="ctrl")
+    assert code == 0
+    assert report["map"]["rows"] == len(df) - 6 and report["map"]["perturbations"] == 29
+
+
+@pytest.mark.parametrize("mutate, extra, message", [
+    (lambda d: d.drop(columns=["batch"]), [], "no column 'batch'"),
+    (lambda d: d[["gene", "batch"]], [], "no 'feature_\\*' columns"),
+    (lambda d: d.assign(feature_3=np.where(d.index == 5, np.nan, d.feature_3)), [], "NaN"),
+    (lambda d: d, ["--control", "EMPTY_control"], "'EMPTY_control' does not occur"),
+])
+def test_bad_inputs_exit_with_a_clear_message(tmp_path, synthetic, capsys, mutate, extra, message):
+    _, ann, df = synthetic
+    mutate(df).to_parquet(tmp_path / "bad.parquet")
+    code, _ = _run(tmp_path, tmp_path / "bad.parquet", ann, *extra, control="ctrl")
+    assert code == 2
+    assert pytest.importorskip("re").search(message, capsys.readouterr().err)
