@@ -109,7 +109,8 @@ def main(argv=None) -> dict:
         summary.update(logistic_s=logit_s, logistic_test=logit.test.tolist())
         print(f"logistic_probes: {args.logistic_blocks} blocks x {len(probe.LOGISTIC_L2)} L2 values x "
               f"{args.logistic_steps} full-batch Adam steps in {logit_s:.1f} s; test "
-              f"{np.round(logit.test, 3).tolist()} (ridge {np.round(report.test[:args.logistic_blocks], 3).tolist()})")
+              f"{np.round(logit.test.astype(float), 3).tolist()} (ridge "
+              f"{np.round(report.test[:args.logistic_blocks].astype(float), 3).tolist()})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)

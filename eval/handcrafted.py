@@ -25,6 +25,8 @@ from scipy import ndimage
 PERCENTILES = (5, 25, 50, 75, 95)
 OFFSETS = (1, 2, 4)
 SCALES = (2, 4, 8)
+CHUNK_IMAGES = 256   # images per vectorised pass: keeps the float32 working set in cache (~2x faster
+                     # per crop than 4,000 at once for 6 x 64 x 64)
 SHAPE_FEATURES = ("object_count", "foreground_fraction", "area_mean", "area_std",
                   "eccentricity_mean", "extent_mean")
 
@@ -51,28 +53,32 @@ def _percentiles(sorted_rows: np.ndarray) -> np.ndarray:
     return (v_lo + (v_hi - v_lo) * (pos - lo).astype(np.float32)) / 255.0
 
 
-def _pair_stats(z: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Co-occurrence contrast E[(a-b)^2] and Pearson correlation of the pixel pairs (a, b) at
-    offset d, horizontal and vertical pairs pooled, for (M, H, W) images centred on their mean.
+def _cooccurrence(z: np.ndarray, offsets: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Co-occurrence contrast E[(a-b)^2] and Pearson correlation of the pixel pairs (a, b) at each
+    offset, horizontal and vertical pairs pooled, for (M, H, W) images centred on their mean:
+    two (M, len(offsets)) arrays. Correlation is 0 where a side of the pairs is constant.
 
-    One fused product-sum per direction (einsum); the window sums come from row/column sums, so
-    no shifted copy of the stack is made. Correlation is 0 where a side is constant.
+    Per offset and direction one fused product-sum (einsum); the window sums and sums of squares
+    come from row/column sums computed once, so no shifted copy of the stack is made.
     """
-    contrast, corr = 0.0, 0.0
+    contrast = np.zeros((len(z), len(offsets)))
+    corr = np.zeros((len(z), len(offsets)))
     for axis in (1, 2):
-        a = z[:, :, :-d] if axis == 2 else z[:, :-d, :]
-        b = z[:, :, d:] if axis == 2 else z[:, d:, :]
-        n = a.shape[1] * a.shape[2]
-        line = z.sum(axis=3 - axis)                        # sums along the other axis
+        line = z.sum(axis=3 - axis)                                        # (M, H or W)
         line_sq = np.einsum("mij,mij->mj" if axis == 2 else "mij,mij->mi", z, z)
-        sa, sb = line[:, :-d].sum(1), line[:, d:].sum(1)
-        qa, qb = line_sq[:, :-d].sum(1), line_sq[:, d:].sum(1)
-        sab = np.einsum("mij,mij->m", a, b)
-        contrast = contrast + (qa + qb - 2 * sab) / n / 2
-        va, vb = qa / n - (sa / n) ** 2, qb / n - (sb / n) ** 2
-        denom = np.sqrt(np.maximum(va * vb, 0.0))
-        ok = denom > 1e-10
-        corr = corr + np.where(ok, (sab / n - sa * sb / n ** 2) / np.where(ok, denom, 1.0), 0.0) / 2
+        across = z.shape[3 - axis]
+        for i, d in enumerate(offsets):
+            a = z[:, :, :-d] if axis == 2 else z[:, :-d, :]
+            b = z[:, :, d:] if axis == 2 else z[:, d:, :]
+            n = across * (z.shape[axis] - d)
+            sa, sb = line[:, :-d].sum(1), line[:, d:].sum(1)
+            qa, qb = line_sq[:, :-d].sum(1), line_sq[:, d:].sum(1)
+            sab = np.einsum("mij,mij->m", a, b)
+            contrast[:, i] += (qa + qb - 2 * sab) / n / 2
+            va, vb = qa / n - (sa / n) ** 2, qb / n - (sb / n) ** 2
+            denom = np.sqrt(np.maximum(va * vb, 0.0))
+            ok = denom > 1e-10
+            corr[:, i] += np.where(ok, (sab / n - sa * sb / n ** 2) / np.where(ok, denom, 1.0), 0.0) / 2
     return contrast, corr
 
 
@@ -89,13 +95,13 @@ def _intensity_texture(images: np.ndarray) -> np.ndarray:
     mean = x.mean(axis=(1, 2))
     z = x - mean[:, None, None]
     std = np.sqrt(np.einsum("mij,mij->m", z, z) / (z.shape[1] * z.shape[2]))
-    stats = [_pair_stats(z, d) for d in OFFSETS]
+    contrast, corr = _cooccurrence(z, OFFSETS)
     energy, y, scale = [], z, 1
     for s in SCALES:              # powers of two: each scale halves the previous one
         while scale < s:
             y, scale = _halve(y), scale * 2
-        energy.append(2 * _pair_stats(y, 1)[0])
-    cols = [mean, std] + [c for c, _ in stats] + [r for _, r in stats] + energy
+        energy.append(2 * _cooccurrence(y, (1,))[0][:, 0])
+    cols = [mean, std, *contrast.T, *corr.T, *energy]
     return np.stack(cols, axis=1).astype(np.float32)
 
 
@@ -175,10 +181,14 @@ def handcrafted_features(images: np.ndarray, channels: Sequence[str] | None = No
     channels = list(channels) if channels is not None else [f"ch{i}" for i in range(c)]
     if len(channels) != c:
         raise ValueError(f"{len(channels)} channel names for {c} channels")
-    flat = images.reshape(n * c, h * w)
-    pct = _percentiles(np.sort(flat, axis=1, kind="stable")).reshape(n, c, -1)  # radix sort
-    moments = _intensity_texture(images.reshape(n * c, h, w)).reshape(n, c, -1)
-    per_channel = np.concatenate([moments[..., :2], pct, moments[..., 2:]], axis=-1)
-    shape = _shape(images[:, 0], _histograms(images[:, 0].reshape(n, h * w)), min_area)
-    feats = np.concatenate([per_channel.reshape(n, -1), shape], axis=1).astype(np.float32)
-    return feats, feature_names(channels)
+    names = feature_names(channels)
+    feats = np.empty((n, len(names)), np.float32)
+    for start in range(0, n, CHUNK_IMAGES):
+        part = images[start:start + CHUNK_IMAGES]
+        m = len(part)
+        pct = _percentiles(np.sort(part.reshape(m * c, h * w), axis=1, kind="stable"))  # radix sort
+        moments = _intensity_texture(part.reshape(m * c, h, w)).reshape(m, c, -1)
+        per_channel = np.concatenate([moments[..., :2], pct.reshape(m, c, -1), moments[..., 2:]], axis=-1)
+        shape = _shape(part[:, 0], _histograms(part[:, 0].reshape(m, h * w)), min_area)
+        feats[start:start + m] = np.concatenate([per_channel.reshape(m, -1), shape], axis=1)
+    return feats, names

@@ -1,23 +1,11 @@
-"""Test set-up: 8 fake CPU devices for sharding tests (set before jax is imported anywhere), and the
-location of the shared reference files."""
+"""Test set-up: 8 fake CPU devices for sharding tests (set before jax is imported anywhere).
+Reference files beside the repo: tests/reference_data.py."""
 import os
-import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_REFERENCE = REPO.parent / "shared" / "reference"
-
-
-def reference_dir(name: str) -> pathlib.Path:
-    """A folder of ../shared/reference, or skip the test with the reason."""
-    path = SHARED_REFERENCE / name
-    if not path.is_dir():
-        pytest.skip(f"reference folder {path} is absent (it ships beside the repo as ../shared/reference)")
-    return path
 
 
 @pytest.fixture(autouse=True, scope="session")

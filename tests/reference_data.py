@@ -11,6 +11,7 @@ import pytest
 REFERENCE = (Path(__file__).resolve().parents[1] / ".." / "shared" / "reference").resolve()
 ANNOTATIONS = REFERENCE / "efaar_annotations"
 GOLDEN = REFERENCE / "efaar_golden"
+OPENPHENOM = REFERENCE / "openphenom_small"
 
 
 def require(path: Path) -> Path:

@@ -12,9 +12,9 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from data.arrayrecord_writer import shard_file_names, write_dataset
 from maejax import records
 from maejax.input_pipeline import open_dataset
+from tests.reference_data import ANNOTATIONS, require
 
 CHANNELS = ["DNA", "ER", "RNA"]
-EFAAR_ANNOTATIONS = Path(__file__).resolve().parents[1] / "../shared/reference/efaar_annotations"
 
 
 def make_examples(n: int, shape=(3, 8, 8)):
@@ -80,9 +80,7 @@ def test_records_round_trip_in_record_id_order(dataset_dir):
 def test_annotations_use_efaar_format(dataset_dir):
     path = dataset_dir / "annotations" / "ToyComplex.txt"
     assert path.read_text().splitlines() == ["entity1,entity2", "GENE0001,GENE0002"]
-    if not EFAAR_ANNOTATIONS.is_dir():
-        pytest.skip(f"reference annotations not found at {EFAAR_ANNOTATIONS}")
-    with open(EFAAR_ANNOTATIONS / "CORUM.txt") as f:
+    with open(require(ANNOTATIONS) / "CORUM.txt") as f:
         assert f.readline().strip() == path.read_text().splitlines()[0]
 
 

@@ -84,3 +84,12 @@ def test_rejects_bad_input():
         handcrafted.handcrafted_features(np.zeros((2, 3, 64, 64), np.float32))
     with pytest.raises(ValueError, match="channel names"):
         handcrafted.handcrafted_features(np.zeros((2, 3, 64, 64), np.uint8), ["a"])
+
+
+def test_features_are_per_image_across_internal_chunks():
+    """Batches larger than the internal chunk give each image the features it gets alone."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (handcrafted.CHUNK_IMAGES + 40, 2, 16, 16), dtype=np.uint8)
+    whole, _ = handcrafted.handcrafted_features(images)
+    parts = [handcrafted.handcrafted_features(images[i:i + 7])[0] for i in range(0, len(images), 7)]
+    np.testing.assert_allclose(whole, np.concatenate(parts), rtol=1e-5, atol=1e-6)

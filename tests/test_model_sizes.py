@@ -1,12 +1,14 @@
 """Parameter counts of the variants match the published ones (abstract models: nothing is allocated), and
 the model report lists every variant of every model kind."""
 import json
+from pathlib import Path
 
 import pytest
 
 from maejax.models import flops, report
 from maejax.models.cnn import decode_cnn_variant
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Published encoder sizes (ViT papers; "ViTally Consistent" for G/8). Ours use 6-channel patch
 # embeddings and fixed sin-cos positions where the published ViTs have 3 channels and a learned table,

@@ -13,7 +13,7 @@ from flax import nnx
 from eval import embed_arrays
 from maejax import convert
 from maejax.state import load_model
-from tests.conftest import reference_dir
+from tests.reference_data import OPENPHENOM, require
 
 OUTPUTS = ("predict", "channelwise", "forward_head", "cls", "blockwise_meanpool")
 TOLERANCE = 1e-4     # max |ours - reference| / max |reference|, the README's measure
@@ -25,7 +25,7 @@ def relative_error(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def ref():
-    return reference_dir("openphenom_small")
+    return require(OPENPHENOM)
 
 
 @pytest.fixture(scope="module")
