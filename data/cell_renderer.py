@@ -259,3 +259,37 @@ def _texture(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
     smooth = ndimage.gaussian_filter(noise, (0,) * (len(shape) - 2) + (sigma, sigma), mode="wrap")
     # Variance of white noise smoothed by a 2-D Gaussian of std sigma: 1 / (4 pi sigma^2).
     return smooth * np.float32(np.sqrt(4 * np.pi) * sigma)
+
+
+# Image-quality artefacts. A crop's `qc` metadata value is one of these; the index is its code.
+QC_LABELS = ("ok", "blur", "saturation", "debris", "empty")
+
+
+def add_artifact(signal: np.ndarray, kind: str, rng: np.random.Generator) -> None:
+    """Spoils one crop of fluorescence signal in place: float (C, h, w) in uint8 units, before the
+    background offset and the noise, so a spoiled crop keeps the read and shot noise of its site.
+
+      blur        out of focus: Gaussian blur of 1.5-3 px
+      saturation  over-exposure: signal x 4-8, so bright structures clip at 255 when quantised
+      debris      an autofluorescent particle: a bright, sharp-edged ellipse over 10-25% of the crop
+                  width, in every channel
+      empty       a field without cells: background and noise only
+    """
+    c, h, w = signal.shape
+    if kind == "blur":
+        sigma = rng.uniform(1.5, 3.0)
+        signal[:] = ndimage.gaussian_filter(signal, (0, sigma, sigma), mode="reflect")
+    elif kind == "saturation":
+        signal *= np.float32(rng.uniform(4.0, 8.0))
+    elif kind == "debris":
+        radius = rng.uniform(0.1, 0.25) * min(h, w)
+        cy, cx = rng.uniform(0.2, 0.8, 2) * (h, w)
+        rho, _, _ = _elliptic_radius(np.arange(w, dtype=np.float32)[None, :] - cx,
+                                     np.arange(h, dtype=np.float32)[:, None] - cy,
+                                     radius * rng.uniform(1.0, 1.6), radius, rng.uniform(0, np.pi))
+        blob = np.exp(-rho ** 6).astype(np.float32)          # flat top, sharp edge
+        signal += rng.uniform(80.0, 220.0, c).astype(np.float32)[:, None, None] * blob
+    elif kind == "empty":
+        signal[:] = 0.0
+    elif kind != "ok":
+        raise ValueError(f"unknown image artefact {kind!r}; choose one of {QC_LABELS}")

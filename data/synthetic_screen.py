@@ -101,6 +101,9 @@ class ScreenConfig:
     cell_radius: float = 10.0
     # Acquisition: every batch effect is scaled by batch_effect_size (0 = identical experiments).
     batch_effect_size: float = 1.0
+    # Image-quality artefacts (cell_renderer.QC_LABELS): this fraction of crops gets one, drawn per crop
+    # with equal odds per kind; the crop's `qc` metadata column names it ("ok" otherwise).
+    artifact_fraction: float = 0.0
     num_shards: int = 8
 
     def validate(self) -> None:
@@ -115,6 +118,8 @@ class ScreenConfig:
                self.num_channels) < 1:
             raise ValueError("num_experiments, plates_per_experiment, sites_per_well, control_wells and "
                              "num_channels must be >= 1")
+        if not 0.0 <= self.artifact_fraction <= 1.0:
+            raise ValueError(f"artifact_fraction must be in [0, 1], got {self.artifact_fraction}")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -126,6 +131,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "demo": dict(),
     # Throughput benchmark: 10,752 crops of 64x64x6.
     "bench10k": dict(num_complexes=30, num_pathways=8, num_null_genes=10, control_wells=8),
+    # The demo screen with image-quality artefacts on 10% of the crops (the `qc` probe task).
+    "demo_qc": dict(artifact_fraction=0.1),
 }
 
 
@@ -276,8 +283,13 @@ def site_phenotypes(cfg: ScreenConfig, phenotypes: np.ndarray, acq: Acquisition,
 
 
 def render_chunk(cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites: Sites, chunk: slice,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Renders sites[chunk]: uint8 (n, C, S, S) images and the cell-centre count per tile (n, tiles)."""
+                 rng: np.random.Generator, artifact_rng: np.random.Generator | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Renders sites[chunk]: uint8 (n, C, S, S) images, the cell-centre count per tile (n, tiles) and
+    the image-quality code per tile (n, tiles), an index into cell_renderer.QC_LABELS.
+
+    Artefacts draw from their own generator, so turning them on leaves every other crop unchanged.
+    """
     exp, gene = sites.experiment[chunk], sites.gene[chunk]
     phenotypes = np.where((gene >= 0)[:, None], biology.phenotypes[np.maximum(gene, 0)], 0.0)
     pheno = site_phenotypes(cfg, phenotypes, acq, exp)
@@ -290,6 +302,7 @@ def render_chunk(cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites: S
     intensity = np.exp(INTENSITY_SCALE * phenotypes[:, len(PHENOTYPE_AXES):])
     gain = brightness * intensity * acq.gain[exp] * acq.plate_gain[exp, sites.plate[chunk]] * sites.well_gain[chunk]
     signal = stains * _f32(gain)[:, :, None, None] * illumination(cfg.site_size, acq, exp)[:, None]
+    qc = spoil_tiles(signal, cfg, artifact_rng)
     # Read noise plus photon shot noise (variance grows with the signal).
     sigma = np.sqrt(_f32(acq.noise[exp] ** 2)[:, None, None, None] + 0.5 * signal)
     noisy = signal + _f32(acq.offset[exp])[:, :, None, None] + sigma * rng.standard_normal(signal.shape, np.float32)
@@ -300,7 +313,25 @@ def render_chunk(cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites: S
     tile = (cells.y[inside] // cfg.crop_size).astype(int) * tiles_per_side + (cells.x[inside] // cfg.crop_size).astype(int)
     counts = np.zeros((len(exp), tiles_per_side ** 2), np.int64)
     np.add.at(counts, (cells.site[inside], tile), 1)
-    return images, counts
+    counts[qc == cell_renderer.QC_LABELS.index("empty")] = 0
+    return images, counts, qc
+
+
+def spoil_tiles(signal: np.ndarray, cfg: ScreenConfig, rng: np.random.Generator | None) -> np.ndarray:
+    """Draws an artefact for `artifact_fraction` of the tiles of (n, C, S, S) site signals and applies it
+    in place (tiles as `tile_site` cuts them). Returns the (n, tiles) codes into QC_LABELS."""
+    per_side = cfg.site_size // cfg.crop_size
+    codes = np.zeros((len(signal), per_side ** 2), np.int8)
+    if cfg.artifact_fraction == 0:
+        return codes
+    spoiled = rng.random(codes.shape) < cfg.artifact_fraction
+    codes[spoiled] = rng.integers(1, len(cell_renderer.QC_LABELS), int(spoiled.sum()))
+    s = cfg.crop_size
+    for i, t in zip(*np.nonzero(codes)):
+        y, x = divmod(int(t), per_side)
+        tile = signal[i, :, y * s:(y + 1) * s, x * s:(x + 1) * s]   # a view: spoiled in place
+        cell_renderer.add_artifact(tile, cell_renderer.QC_LABELS[codes[i, t]], rng)
+    return codes
 
 
 def _f32(x) -> np.ndarray:
@@ -308,8 +339,8 @@ def _f32(x) -> np.ndarray:
 
 
 def rendered_chunks(cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites: Sites,
-                    workers: int = 1) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(first site, images, cell counts) of every chunk of CHUNK_SITES sites, in order.
+                    workers: int = 1) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(first site, images, cell counts, qc codes) of every chunk of CHUNK_SITES sites, in order.
 
     Each chunk draws from its own seeded generator, so rendering in worker processes gives the same output.
     """
@@ -332,7 +363,8 @@ def rendered_chunks(cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites
 
 def _render_chunk_at(start: int, cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites: Sites):
     chunk = slice(start, min(start + CHUNK_SITES, len(sites)))
-    return render_chunk(cfg, biology, acq, sites, chunk, np.random.default_rng([cfg.seed, 3, start]))
+    return render_chunk(cfg, biology, acq, sites, chunk, np.random.default_rng([cfg.seed, 3, start]),
+                        np.random.default_rng([cfg.seed, 4, start]))
 
 
 def illumination(size: int, acq: Acquisition, experiment: np.ndarray) -> np.ndarray:
@@ -373,7 +405,7 @@ def generate_screen(out_dir: str | Path, preset: str = "demo", overwrite: bool =
     experiments = [f"SYN-{e + 1:02d}" for e in range(cfg.num_experiments)]
 
     def examples() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
-        for start, images, counts in rendered_chunks(cfg, biology, acq, sites, workers):
+        for start, images, counts, qc in rendered_chunks(cfg, biology, acq, sites, workers):
             for i, s in enumerate(range(start, start + len(images))):
                 gene = sites.gene[s]
                 for tile, crop in enumerate(tile_site(images[i], cfg.crop_size)):
@@ -386,6 +418,7 @@ def generate_screen(out_dir: str | Path, preset: str = "demo", overwrite: bool =
                         "perturbation": CONTROL_LABEL if gene < 0 else biology.genes[gene],
                         "is_control": bool(gene < 0),
                         "num_cells": int(counts[i, tile]),  # ground truth: cell centres inside the crop
+                        "qc": cell_renderer.QC_LABELS[qc[i, tile]],
                     }
 
     complexes, pathways = biology.complexes(), biology.pathways()
@@ -395,6 +428,7 @@ def generate_screen(out_dir: str | Path, preset: str = "demo", overwrite: bool =
         "pathways": pathways,
         "null_genes": sorted(g for g, k in zip(biology.genes, biology.complex_of) if k < 0),
         "control_label": CONTROL_LABEL,
+        "qc_labels": list(cell_renderer.QC_LABELS),
         "phenotype_features": feature_names(cfg.num_channels),
         "genes": {g: {"complex": _complex_name(k) if k >= 0 else None,
                       "pathway": _pathway_name(biology.pathway_of_complex[k]) if k >= 0 else None,

@@ -1,15 +1,19 @@
 """Eval job: restore a checkpoint onto the devices that exist, embed every crop of a screen, and evaluate
-every block (recall of known relationships after batch correction, linear probes).
+every block (recall of known relationships and replicate consistency after batch correction, probe tasks).
 
   python -m eval.job --workdir runs/demo [--dataset DIR] [--out DIR] [--features {mae,random_init,handcrafted}]
+      [--tasks perturbation functional_group:split=perturbations qc experiment] [--eval KEY=VALUE ...]
 
 `mae` evaluates the trained checkpoint in `<workdir>/checkpoints`; `random_init` the same architecture with
-fresh weights (the untrained control); `handcrafted` CellProfiler-style features, no model. Outputs go to
-`<out>` (default `<workdir>/eval/<features>`): report.json, embeddings.parquet, blocks.png.
+fresh weights (the untrained control); `handcrafted` CellProfiler-style features, no model. The eval settings
+are `maejax.config.base().eval`, overlaid with the run's own `eval` section and then with `--tasks` /
+`--eval KEY=VALUE` (e.g. `--eval probe_model=logistic groups=anax.csv`). Outputs go to `<out>` (default
+`<workdir>/eval/<features>`): report.json, embeddings.parquet, blocks.png, similarity.png.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from typing import Any
@@ -21,7 +25,7 @@ from flax import nnx
 
 from eval import screen
 from eval.embed import Embedder
-from maejax import sharding as shd, state as state_lib
+from maejax import config as config_lib, sharding as shd, state as state_lib
 from maejax.checkpoint import Checkpoints
 from maejax.input_pipeline import iterate_records
 from maejax.records import LAYOUT
@@ -75,18 +79,54 @@ def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: i
     return feats, meta, config, dataset_dir, step
 
 
+def eval_config(stored: ml_collections.ConfigDict, overrides: dict[str, Any] | None = None
+                ) -> ml_collections.ConfigDict:
+    """base().eval overlaid with a run's stored eval section (older runs lack newer keys) and then with
+    {key: value} overrides; unknown keys are errors that name them."""
+    cfg = config_lib.base().eval
+    for key, value in stored.items():
+        if key in cfg:
+            cfg[key] = value
+    cfg.lock()
+    for key, value in (overrides or {}).items():
+        config_lib.override(cfg, key, value)
+    return cfg
+
+
+def negative_controls(source: str, dataset_dir: str) -> list[str] | None:
+    """The consistency null's perturbations: `ground_truth` (the synthetic screen's null genes; random
+    groups when the dataset has no ground truth), `random` (random groups: None), or a file of names."""
+    if source == "random":
+        return None
+    if source == "ground_truth":
+        path = os.path.join(dataset_dir, "ground_truth.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f).get("null_genes") or None
+    if not os.path.isfile(source):
+        raise ValueError(f"eval.negative_controls={source!r}: not ground_truth, random or an existing file")
+    with open(source) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir: str | None = None,
-             batch_size: int | None = None) -> dict[str, Any]:
+             batch_size: int | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Embeds and evaluates one of FEATURES; writes the outputs and returns the report (with in-memory
+    arrays under keys starting with '_'; `screen.public` drops them)."""
     t0 = time.time()
     feats, meta, config, dataset_dir, step = features_for(kind, workdir, dataset_dir, batch_size)
     t_embed = time.time() - t0
-    e = config.eval
+    e = eval_config(config.get("eval", ml_collections.ConfigDict()), overrides)
     report = screen.evaluate_blocks(
         feats, meta, os.path.join(dataset_dir, LAYOUT.annotations), control=e.control,
         pca_components=e.pca_components, correction=e.correction,
-        thresholds=[tuple(t) for t in e.thresholds], run_probe=e.probe, seed=config.seed)
+        thresholds=[tuple(t) for t in e.thresholds], tasks=list(e.tasks) if e.probe else [],
+        select_by=e.select_by, groups=e.groups, dataset_dir=dataset_dir, probe_model=e.probe_model,
+        split_fractions=list(e.split_fractions), negative_controls=negative_controls(e.negative_controls, dataset_dir),
+        seed=config.seed)
     report.update(features=kind, checkpoint_step=step if kind == "mae" else None, dataset=dataset_dir,
-                  embed_seconds=t_embed, eval_seconds=time.time() - t0 - t_embed)
+                  embed_seconds=t_embed, eval_seconds=time.time() - t0 - t_embed, eval_config=e.to_dict())
     out_dir = out_dir or os.path.join(workdir, "eval", kind)
     report["outputs"] = screen.write_outputs(report, out_dir, title=f"{kind} ({config.model.variant})")
     return report
@@ -99,13 +139,42 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output directory (default: <workdir>/eval/<features>)")
     ap.add_argument("--features", default="mae", choices=FEATURES)
     ap.add_argument("--batch_size", type=int, default=None)
+    ap.add_argument("--tasks", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
+                    help="probe tasks (eval/tasks.py); default: the run's eval.tasks")
+    ap.add_argument("--eval", nargs="+", default=[], metavar="KEY=VALUE", help="eval config overrides")
     a = ap.parse_args()
     if not os.path.isdir(os.path.join(a.workdir, "checkpoints")):
         raise SystemExit(f"{a.workdir}: no checkpoints/ directory (train first: python -m maejax.train ...)")
-    report = evaluate(a.features, a.workdir, dataset_dir=a.dataset, out_dir=a.out, batch_size=a.batch_size)
+    overrides = {}
+    for item in a.eval:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--eval {item!r}: expected KEY=VALUE")
+        overrides[key] = value
+    if a.tasks:
+        overrides["tasks"] = a.tasks
+    report = evaluate(a.features, a.workdir, dataset_dir=a.dataset, out_dir=a.out, batch_size=a.batch_size,
+                      overrides=overrides)
+    print(summary(report))
+    print(f"outputs in {os.path.dirname(report['outputs']['report'])}")
+
+
+def summary(report: dict[str, Any]) -> str:
+    """A few lines: the chosen block's recall and consistency, and every probe task at its best block."""
     best = report["best"]
-    print(f"{a.features}: best block {report['best_block']} recall {best['recall_mean']} "
-          f"probe test {best.get('probe_test')}; outputs in {os.path.dirname(report['outputs']['report'])}")
+    rc = best["consistency"]["replicate_consistency"]
+    lines = [f"{report['features']}: block {report['best_block']}/{len(report['blocks'])} "
+             f"({report['selected_by']}); mean recall {best['recall_mean']}; "
+             f"KS {rc['ks_statistic']:.3f}, CvM {rc['cvm_statistic']:.2f}"]
+    for name, t in report["tasks"].items():
+        if "skipped" in t:
+            lines.append(f"  {name}: skipped ({t['skipped']})")
+        else:
+            note = "" if t["higher_is_better"] else ", lower is better"
+            lines.append(f"  {name}: test balanced accuracy {t['best_block_test']:.3f} at block {t['best_block']} "
+                         f"(chance {t['chance']:.3f}{note}); at the chosen block "
+                         f"{t['test'][report['best_block'] - 1]:.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

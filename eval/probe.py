@@ -87,8 +87,15 @@ def _standardize(x, train_idx):
     return (x - mean) / jnp.where(std > 1e-6 * jnp.max(std), std, 1.0)
 
 
+def _strongest_best(val_by_l2, l2_grid):
+    """Index of the best validation score, the largest L2 among ties: on small validation sets
+    scores tie often, and the most regularised probe is the stable choice."""
+    order = jnp.argsort(-jnp.asarray(l2_grid))                 # largest L2 first
+    return order[jnp.argmax(jnp.take(val_by_l2, order, axis=-1), axis=-1)]
+
+
 def _pick(val_by_l2, l2_grid) -> tuple[np.ndarray, np.ndarray]:
-    best = np.argmax(val_by_l2, axis=1)
+    best = np.asarray(_strongest_best(np.asarray(val_by_l2), np.asarray(l2_grid)))
     return best, np.asarray(l2_grid)[best]
 
 
@@ -125,7 +132,7 @@ def _ridge_scores(z, labels, prior, evals, q, train_idx, val_idx, test_idx, l2_g
     pv = project(z[val_idx])
     yv = labels[val_idx]
     val_scores = jax.lax.map(lambda l2: balanced_accuracy(yv, predict(pv, l2), num_classes), lam)
-    test_pred = predict(project(z[test_idx]), lam[jnp.argmax(val_scores)])
+    test_pred = predict(project(z[test_idx]), lam[_strongest_best(val_scores, l2_grid)])
     return val_scores, balanced_accuracy(labels[test_idx], test_pred, num_classes)
 
 

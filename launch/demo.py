@@ -64,26 +64,35 @@ def run(workdir: str, preset: str = "demo", steps: int | None = None, seed: int 
     return reports
 
 
+# Probe tasks shown in the table (each at the chosen block): column title, task name.
+PROBE_COLUMNS = (("perturbation", "perturbation"), ("func. group", "functional_group"),
+                 ("experiment (lower better)", "experiment"))
+
+
 def table(reports: dict) -> str:
-    """Recall per source and threshold (chosen block), mean recall, and the chosen block's probe accuracy."""
+    """Recall per source and threshold and the probes' test accuracy, all at each model's chosen block."""
     rows = [k for k in job.FEATURES if k in reports]
     first = reports[rows[0]]["best"]["recall"]
     cols = [(r["source"], k) for r in first for k in sorted(r) if k.startswith("recall_")]
-    head = ["features", "block"] + [f"{s} {k[len('recall_'):]}" for s, k in cols] + ["mean recall", "probe bal.acc"]
+    head = (["features", "block"] + [f"{s} {k[len('recall_'):]}" for s, k in cols] + ["mean recall"]
+            + [title for title, _ in PROBE_COLUMNS])
     lines = [head]
     for name in rows:
         best = reports[name]["best"]
         by_source = {r["source"]: r for r in best["recall"]}
         vals = [by_source[s][k] for s, k in cols]
+        probes = best.get("probes", {})
         lines.append([name, f"{reports[name]['best_block']}/{len(reports[name]['blocks'])}"]
-                     + [f"{v:.3f}" for v in vals] + [f"{sum(vals) / len(vals):.3f}",
-                                                     f"{best.get('probe_test', float('nan')):.3f}"])
+                     + [f"{v:.3f}" for v in vals] + [f"{sum(vals) / len(vals):.3f}"]
+                     + [f"{probes[task]['test']:.3f}" if task in probes else "-" for _, task in PROBE_COLUMNS])
     widths = [max(len(str(r[i])) for r in lines) for i in range(len(head))]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
     out = [fmt(lines[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in lines[1:]]
+    chance = {task: reports[rows[0]].get("tasks", {}).get(task, {}).get("chance") for _, task in PROBE_COLUMNS}
+    chance_text = ", ".join(f"{t} {c:.3f}" for t, c in chance.items() if c)
     note = ("recall: fraction of known pairs in the top or bottom 5% of all pair similarities "
-            "(random = 0.10); block chosen by probe accuracy on validation wells; probe accuracy on "
-            "held-out test wells (random = 1/#perturbations)")
+            "(random = 0.10); block chosen by the perturbation probe's accuracy on validation wells; "
+            f"probes: balanced accuracy on held-out test wells (chance: {chance_text})")
     return "\n" + "\n".join(out) + "\n" + note
 
 

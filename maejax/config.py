@@ -100,10 +100,18 @@ def base() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128
     c.eval.pca_components = 64
-    c.eval.correction = "centerscale"    # centerscale | tvn | none
+    c.eval.correction = "centerscale"    # map building: centerscale | tvn | none
     c.eval.control = "non-targeting"
     c.eval.thresholds = [[0.05, 0.95]]
-    c.eval.probe = True
+    c.eval.probe = True                  # run the probe tasks (False: recall and consistency only)
+    # Probe tasks by name (eval/tasks.py): "NAME" or "NAME:key=value,..." with split (wells |
+    # experiments | perturbations), level (crop | well), probe (ridge | logistic), correction.
+    c.eval.tasks = ["perturbation", "functional_group", "qc", "experiment"]
+    c.eval.select_by = "perturbation"    # the task whose validation score picks the reported block
+    c.eval.probe_model = "ridge"         # each task's probe unless its spec names one: ridge | logistic
+    c.eval.split_fractions = [0.8, 0.1, 0.1]    # train/val/test shares of each class's held-out units
+    c.eval.groups = "ground_truth:complex"      # functional groups: CSV gene,group | ground_truth:complex|pathway
+    c.eval.negative_controls = "ground_truth"   # consistency null: ground_truth (null genes) | random | FILE
     return c
 
 
