@@ -8,7 +8,8 @@ blocks, written as a normal checkpoint directory (orbax, step 0, its config in `
 
 The file format is decided from the first bytes, never the name (maes_microscopy's `save_pretrained`
 writes a torch zip pickle into `model.safetensors`): `PK\\x03\\x04` is a torch zip pickle holding
-`{"state_dict": ...}` (read with `torch.load(weights_only=True)`, torch being optional); an 8-byte
+`{"state_dict": ...}` (read with `torch.load(weights_only=True)` where PyTorch is installed, else with
+`maejax.torch_pickle`, which accepts the same objects and needs no torch); an 8-byte
 little-endian length followed by `{` is safetensors. Keys may carry the full-model prefix `encoder.` or
 not. Width, depth, heads (from the q_norm size = head dim), MLP width, patch size, the maximum channel count
 and the tokens per channel (from the period of the stored sin-cos table) are read off the tensors, so the
@@ -30,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from maejax import config as config_lib, models
+from maejax import config as config_lib, models, torch_pickle
 from maejax.checkpoint import Checkpoints
 from maejax.models.layers import sincos_2d
 from maejax.models.vit import VARIANTS
@@ -71,18 +72,31 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         return dict(load_file(path))
     try:
         import torch
-    except ImportError as e:
-        raise ImportError(f"{path} is a torch zip pickle; reading it needs PyTorch, an optional dependency of "
-                          "maejax (pip install torch). Files in safetensors format need no torch.") from e
-    # An open file, not the path: torch.load dispatches `*.safetensors` paths to safetensors by their name.
-    with open(path, "rb") as f:
-        obj = torch.load(f, map_location="cpu", weights_only=True)
+    except ImportError:
+        # No PyTorch: the built-in reader (same restriction as weights_only=True; tested equal to torch.load).
+        obj = torch_pickle.load(path)
+    else:
+        # An open file, not the path: torch.load dispatches `*.safetensors` paths to safetensors by name.
+        with open(path, "rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        obj = _numpy_tensors(obj, torch)
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ConversionError(f"{path}: expected a state dict (or {{'state_dict': ...}}), got {type(obj).__name__}")
-    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).numpy()
-            for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) or v.dtype.kind == "V"
+                else v) for k, v in obj.items() if isinstance(v, np.ndarray)}
+
+
+def _numpy_tensors(obj, torch):
+    """torch.load's result with every tensor as a numpy array (floating tensors as float32 first, since
+    numpy has no bfloat16 for torch to hand over)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return (t.float() if t.is_floating_point() else t).numpy()
+    if isinstance(obj, dict):
+        return type(obj)((k, _numpy_tensors(v, torch)) for k, v in obj.items())
+    return obj
 
 
 def split_state_dict(sd: dict[str, np.ndarray], where: str) -> tuple[dict, dict]:

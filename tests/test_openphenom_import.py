@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from eval import embed_arrays
-from maejax import convert
+from maejax import convert, torch_pickle
 from maejax.state import load_model
 from tests.reference_data import OPENPHENOM, require
 
@@ -76,19 +76,67 @@ def test_safetensors_conversion_matches_the_reference_outputs(converted, golden,
                                ours["c6"]["channelwise"].reshape(3, 6, 96)[:, golden["perm"]], rtol=1e-5, atol=1e-5)
 
 
-def test_torch_pickle_named_safetensors_converts_with_its_decoder(ref, converted, golden, tmp_path):
-    torch = pytest.importorskip("torch")
-    weights = tmp_path / "model.safetensors"      # save_pretrained's default name for a torch pickle
+@pytest.fixture(scope="module")
+def torch_pickle_converted(ref, tmp_path_factory):
+    """The full-model torch pickle under save_pretrained's default name, converted (decoder included)."""
+    tmp = tmp_path_factory.mktemp("openphenom_torch")
+    weights = tmp / "model.safetensors"
     shutil.copy(ref / "model_torch_save_pretrained.pt", weights)
     assert convert.sniff_format(str(weights)) == "torch"
-    config = convert.convert_openphenom(str(weights), str(tmp_path / "ckpt"), decoder_heads=4)
+    config = convert.convert_openphenom(str(weights), str(tmp / "ckpt"), decoder_heads=4)
+    return weights, tmp / "ckpt", config
+
+
+def test_torch_pickle_named_safetensors_converts_with_its_decoder(torch_pickle_converted, converted):
+    """Runs with or without PyTorch (without it, maejax.torch_pickle reads the file)."""
+    _, ckpt, config = torch_pickle_converted
     assert (config.model.decoder_depth, config.model.decoder_width, config.model.in_channels) == (1, 32, 6)
-    model, _, _ = load_model(str(tmp_path / "ckpt"))
+    model, _, _ = load_model(str(ckpt))
     reference, _, _ = load_model(str(converted))
     # The encoder is bit-identical to the one converted from safetensors (so it matches the goldens too).
     ours = nnx.to_pure_dict(nnx.state(model.encoder))
     jax.tree.map(np.testing.assert_array_equal, ours, nnx.to_pure_dict(nnx.state(reference.encoder)))
 
+
+def test_the_builtin_torch_reader_equals_torch_load(torch_pickle_converted):
+    torch = pytest.importorskip("torch")
+    weights, _, _ = torch_pickle_converted
+    ours = torch_pickle.load(str(weights))["state_dict"]
+    with open(weights, "rb") as f:
+        theirs = torch.load(f, map_location="cpu", weights_only=True)["state_dict"]
+    assert list(ours) == list(theirs)
+    for k, v in theirs.items():
+        assert ours[k].dtype == np.dtype(str(v.dtype).removeprefix("torch.")), k
+        np.testing.assert_array_equal(ours[k], v.numpy(), err_msg=k)
+    # strided views (a transposed tensor and a slice share one storage) rebuild as torch does
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    path = weights.parent / "views.pt"
+    torch.save({"t": base.t(), "s": base[1:, 2:5], "b": torch.tensor(3, dtype=torch.bfloat16)}, path)
+    views = torch_pickle.load(str(path))
+    np.testing.assert_array_equal(views["t"], base.t().numpy())
+    np.testing.assert_array_equal(views["s"], base[1:, 2:5].numpy())
+    assert float(views["b"]) == 3.0
+
+
+def test_the_builtin_torch_reader_refuses_code(tmp_path):
+    import pickle
+    import zipfile
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("evil/data.pkl", pickle.dumps({"state_dict": Evil()}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match=r"evil.pt: refusing to load (__builtin__|builtins).print"):
+        torch_pickle.load(str(path))
+
+
+def test_converted_decoder_matches_maes_microscopy(torch_pickle_converted, converted):
+    torch = pytest.importorskip("torch")
+    weights, ckpt, _ = torch_pickle_converted
+    model, _, _ = load_model(str(ckpt))
     sd = convert.read_state_dict(str(weights))
     rng = np.random.default_rng(0)
     latent = rng.standard_normal((2, 1 + 24, 96)).astype(np.float32)
@@ -156,8 +204,11 @@ def test_bad_files_are_clear_errors(tmp_path, monkeypatch, ref):
     pickle = tmp_path / "model.safetensors"
     shutil.copy(ref / "model_torch_save_pretrained.pt", pickle)
     monkeypatch.setitem(sys.modules, "torch", None)           # as if torch were not installed
-    with pytest.raises(ImportError, match="model.safetensors is a torch zip pickle; reading it needs PyTorch"):
-        convert.read_state_dict(str(pickle))
+    assert convert.read_state_dict(str(pickle))["encoder.vit_backbone.cls_token"].shape == (1, 1, 96)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(pickle.read_bytes()[: pickle.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated.pt: not a readable torch zip checkpoint"):
+        convert.read_state_dict(str(truncated))
     images = tmp_path / "images.npy"
     np.save(images, np.zeros((2, 6, 8, 8), np.float32))
     with pytest.raises(ValueError, match="images.npy: expected a uint8 array"):
