@@ -1,5 +1,7 @@
-"""Training metrics: TensorBoard event files (tensorboardX: no TensorFlow needed), a JSON-lines file, and a
-console progress line with an ETA. Only process 0 writes."""
+"""Training metrics: per-step values reduced with `clu.metrics` (the mean of every metric over the steps
+since the last log, the last learning rate), written to TensorBoard event files (tensorboardX: clu's own
+writers need TensorFlow), a JSON-lines file and a console progress line with an ETA; the parameter table
+(`clu.parameter_overview`) goes to `<workdir>/parameters.txt`. Only process 0 writes."""
 from __future__ import annotations
 
 import json
@@ -10,12 +12,26 @@ from typing import Any
 
 import jax
 import numpy as np
+from clu import metrics as clu_metrics, parameter_overview
+
+LAST_VALUE = ("lr",)   # metrics whose last value is logged; every other one is averaged over the steps
+
+
+def summarize_steps(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per-step metric rows (host values) -> one row: clu Average of each metric, LastValue of the lr."""
+    names = [k for k in rows[0] if k != "finite"]
+    collection = clu_metrics.Collection.create(**{
+        k: (clu_metrics.LastValue if k in LAST_VALUE else clu_metrics.Average).from_output(k) for k in names})
+    values = {k: np.stack([np.asarray(r[k], np.float32) for r in rows]) for k in names}
+    values = {k: (v[-1] if k in LAST_VALUE else v) for k, v in values.items()}
+    return {k: float(v) for k, v in collection.single_from_model_output(**values).compute().items()}
 
 
 class MetricWriter:
     def __init__(self, workdir: str, total_steps: int, *, enabled: bool | None = None, stream=sys.stdout):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.total_steps = total_steps
+        self.workdir = workdir
         self.stream = stream
         self._t0 = time.time()
         self._first_step = None
@@ -26,6 +42,16 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def write_parameter_overview(self, params) -> str | None:
+        """clu's table of every parameter (name, shape, dtype, size; works on abstract shapes) to
+        `<workdir>/parameters.txt`; returns the path."""
+        if not self.enabled:
+            return None
+        path = os.path.join(self.workdir, "parameters.txt")
+        with open(path, "w") as f:
+            f.write(parameter_overview.get_parameter_overview(params, include_stats=False) + "\n")
+        return path
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:

@@ -18,12 +18,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from maejax import mfu, optim, sharding as shd, state as state_lib, step as step_lib
 from maejax.checkpoint import Checkpoints
 from maejax.config import check_known
 from maejax.distributed import PreemptionNotice
-from maejax.metrics import MetricWriter
+from maejax.metrics import MetricWriter, summarize_steps
 from maejax.streams import StreamedBatches
 
 
@@ -95,6 +96,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         print(f"{config.model.name} {config.model.variant}: {n_params / 1e6:.2f}M parameters on mesh "
               f"{dict(mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} devices, "
               f"{jax.process_count()} processes, {data_iter.num_streams} input streams)", flush=True)
+        table = writer.write_parameter_overview(
+            nnx.to_pure_dict(nnx.state(sharded.abstract_model(), nnx.Param)))
+        if table:
+            print(f"Parameter table: {table}", flush=True)
 
         # ------------------------------------------------------------------------------------------------
         # Train step: compiled once, ahead of the loop, so its memory is known before step 1
@@ -127,8 +132,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             pending = []
             _check_finite(rows, done - len(rows))
             dt = time.time() - t_log
-            out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "finite"}
-            out["lr"] = float(rows[-1]["lr"])
+            out = summarize_steps(rows)
             out["step_time_s"] = dt / steps_since_log
             out.update(mfu.throughput(flops_per_example, batch * steps_since_log, dt, jax.device_count(), peak))
             writer.write(done, out)

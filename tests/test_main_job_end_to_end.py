@@ -47,6 +47,8 @@ def test_training_left_its_checkpoint_and_metrics(main_job):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses and all(math.isfinite(v) for v in losses)
+    table = (workdir / "parameters.txt").read_text()             # clu's parameter overview
+    assert "encoder/" in table and "decoder/" in table and "Total:" in table
     for kind in job.FEATURES:
         out = workdir / "eval" / kind
         assert (out / "report.json").exists() and (out / "embeddings.parquet").exists()
