@@ -8,6 +8,7 @@ and strides, the way `torch._utils._rebuild_tensor_v2` does.
 from __future__ import annotations
 
 import collections
+import functools
 import pickle
 import zipfile
 
@@ -26,12 +27,16 @@ class _Storage:
         self.dtype = np.dtype(dtype)
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *unused) -> np.ndarray:
-    if not size:
-        return storage[offset].copy()
-    item = storage.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size, strides=[s * item for s in stride])
-    return np.ascontiguousarray(view)
+def _rebuild_tensor(where: str, storage: np.ndarray, offset: int, size: tuple, stride: tuple, *unused) -> np.ndarray:
+    if any(n == 0 for n in size):
+        return np.zeros(size, storage.dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if offset < 0 or min(stride, default=0) < 0 or last >= len(storage):
+        raise pickle.UnpicklingError(f"{where}: a tensor of shape {tuple(size)}, strides {tuple(stride)} at "
+                                     f"offset {offset} runs past its storage of {len(storage)} values")
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
+                                           strides=[s * storage.itemsize for s in stride])
+    return np.array(view)          # a contiguous copy; 0-d tensors stay 0-d arrays
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, *unused):
@@ -48,7 +53,7 @@ class _Unpickler(pickle.Unpickler):
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
+            return functools.partial(_rebuild_tensor, self.path)
         if module == "torch._utils" and name == "_rebuild_parameter":
             return _rebuild_parameter
         if module == "torch" and name in STORAGE_DTYPES:
@@ -61,7 +66,11 @@ class _Unpickler(pickle.Unpickler):
         if kind != "storage" or not isinstance(storage_type, _Storage):
             raise pickle.UnpicklingError(f"{self.path}: unsupported persistent id {pid!r}")
         if key not in self.storages:
-            raw = self.archive.read(f"{self.prefix}/data/{key}")
+            name = f"{self.prefix}/data/{key}"
+            raw = self.archive.read(name)
+            if len(raw) < numel * storage_type.dtype.itemsize:
+                raise pickle.UnpicklingError(f"{self.path}: {name} holds {len(raw)} bytes, fewer than its "
+                                             f"{numel} {storage_type.dtype} values")
             self.storages[key] = np.frombuffer(raw, storage_type.dtype, count=numel)
         return self.storages[key]
 

@@ -1,8 +1,10 @@
 """OpenPhenom import: both file formats convert to a maejax checkpoint whose embeddings match the reference
 PyTorch outputs (../shared/reference/openphenom_small) for 6-channel, 4-channel, permuted and edge-case inputs;
 the converted CAMAEDecoder matches a PyTorch re-implementation of maes_microscopy's decoder."""
+import pickle
 import shutil
 import sys
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -115,13 +117,21 @@ def test_the_builtin_torch_reader_equals_torch_load(torch_pickle_converted):
     views = torch_pickle.load(str(path))
     np.testing.assert_array_equal(views["t"], base.t().numpy())
     np.testing.assert_array_equal(views["s"], base[1:, 2:5].numpy())
-    assert float(views["b"]) == 3.0
+    assert float(views["b"]) == 3.0 and views["b"].shape == ()      # 0-d tensors stay arrays
+    # a storage cut short is an error naming the file and the storage
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    first = next(n for n in entries if n.endswith("/data/0"))
+    entries[first] = entries[first][:2]
+    short = weights.parent / "short.pt"
+    with zipfile.ZipFile(short, "w") as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+    with pytest.raises(pickle.UnpicklingError, match=r"short.pt: views/data/0 holds 2 bytes"):
+        torch_pickle.load(str(short))
 
 
 def test_the_builtin_torch_reader_refuses_code(tmp_path):
-    import pickle
-    import zipfile
-
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
