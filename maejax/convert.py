@@ -31,8 +31,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from maejax import config as config_lib, models, torch_pickle
+from maejax import config as config_lib, torch_pickle
 from maejax.checkpoint import Checkpoints
+from maejax.models import flops
 from maejax.models.layers import sincos_2d
 from maejax.models.vit import VARIANTS
 
@@ -361,9 +362,7 @@ def convert_openphenom(weights: str, out: str, *, in_channels: int = 6, decoder:
 
 def model_from_flat(model_cfg: Any, flat: dict[tuple, np.ndarray], where: str) -> nnx.Module:
     """Builds the model abstractly and fills every parameter from `flat` (path -> array); all must match."""
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: models.build(model_cfg, nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(flops.abstract_model(model_cfg))
     targets = dict(nnx.to_flat_state(state))
     missing = sorted(set(targets) - set(flat))
     extra = sorted(set(flat) - set(targets))

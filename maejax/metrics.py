@@ -4,6 +4,7 @@ writers need TensorFlow), a JSON-lines file and a console progress line with an 
 (`clu.parameter_overview`) goes to `<workdir>/parameters.txt`. Only process 0 writes."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -17,11 +18,16 @@ from clu import metrics as clu_metrics, parameter_overview
 LAST_VALUE = ("lr",)   # metrics whose last value is logged; every other one is averaged over the steps
 
 
+@functools.cache
+def _collection(names: tuple[str, ...]) -> type[clu_metrics.Collection]:
+    return clu_metrics.Collection.create(**{
+        k: (clu_metrics.LastValue if k in LAST_VALUE else clu_metrics.Average).from_output(k) for k in names})
+
+
 def summarize_steps(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Per-step metric rows (host values) -> one row: clu Average of each metric, LastValue of the lr."""
-    names = [k for k in rows[0] if k != "finite"]
-    collection = clu_metrics.Collection.create(**{
-        k: (clu_metrics.LastValue if k in LAST_VALUE else clu_metrics.Average).from_output(k) for k in names})
+    names = tuple(k for k in rows[0] if k != "finite")
+    collection = _collection(names)
     values = {k: np.stack([np.asarray(r[k], np.float32) for r in rows]) for k in names}
     values = {k: (v[-1] if k in LAST_VALUE else v) for k, v in values.items()}
     return {k: float(v) for k, v in collection.single_from_model_output(**values).compute().items()}

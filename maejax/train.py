@@ -96,8 +96,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         print(f"{config.model.name} {config.model.variant}: {n_params / 1e6:.2f}M parameters on mesh "
               f"{dict(mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} devices, "
               f"{jax.process_count()} processes, {data_iter.num_streams} input streams)", flush=True)
-        table = writer.write_parameter_overview(
-            nnx.to_pure_dict(nnx.state(sharded.abstract_model(), nnx.Param)))
+        abstract_model = sharded.abstract_model()
+        table = writer.write_parameter_overview(nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)))
         if table:
             print(f"Parameter table: {table}", flush=True)
 
@@ -110,7 +110,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         print(f"Compiled the train step in {time.time() - t0:.1f} s; per-device memory: "
               f"{step_lib.format_memory(step_lib.describe_memory(compiled))}", flush=True)
         batch, crop = int(config.data.batch_size), int(config.data.crop_size)
-        flops_per_example = sharded.abstract_model().flops_per_crop(crop, crop)["train"]
+        flops_per_example = abstract_model.flops_per_crop(crop, crop)["train"]
         peak = mfu.device_peak(config.peak_tflops)
         batch_sh = step_lib.batch_shardings(mesh)
 
