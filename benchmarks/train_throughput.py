@@ -64,14 +64,9 @@ def shorthand(args) -> list[str]:
 
 
 def overrides(items) -> dict[str, str]:
-    out = {}
-    for item in items:
-        for kv in filter(None, item.split(",")):
-            key, eq, value = kv.partition("=")
-            if not eq:
-                raise SystemExit(f"override {kv!r} is not KEY=VALUE")
-            out[key] = value
-    return out
+    """`KEY=VALUE[,KEY=VALUE]` items (as --set and --compare take them) -> {KEY: VALUE}."""
+    from maejax.config import parse_overrides
+    return parse_overrides(kv for item in items for kv in filter(None, item.split(",")))
 
 
 def measure(config, steps: int) -> dict:

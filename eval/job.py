@@ -145,12 +145,7 @@ def main() -> None:
     a = ap.parse_args()
     if not os.path.isdir(os.path.join(a.workdir, "checkpoints")):
         raise SystemExit(f"{a.workdir}: no checkpoints/ directory (train first: python -m maejax.train ...)")
-    overrides = {}
-    for item in a.eval:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"--eval {item!r}: expected KEY=VALUE")
-        overrides[key] = value
+    overrides = config_lib.parse_overrides(a.eval, "--eval")
     if a.tasks:
         overrides["tasks"] = a.tasks
     report = evaluate(a.features, a.workdir, dataset_dir=a.dataset, out_dir=a.out, batch_size=a.batch_size,

@@ -25,7 +25,7 @@ import jax
 import ml_collections
 
 from maejax import optim, sharding as shd, state as state_lib, step as step_lib
-from maejax.config import check_known
+from maejax.config import check_known, parse_overrides
 
 GiB = 2**30
 
@@ -142,7 +142,7 @@ TABLE_HEADER = ("| model | layout | devices | mesh | crops/device | remat | argu
 
 def main(argv) -> None:
     del argv
-    overrides = dict(a.split("=", 1) for a in _SET.value)
+    overrides = parse_overrides(_SET.value, "--set")
     if _TABLE.value:
         wanted = set(_LAYOUTS.value)
         rows = [(p, LAYOUTS[l]) for p, l in TABLE if not wanted or l in wanted or f"{p}:{l}" in wanted]

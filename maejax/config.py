@@ -148,6 +148,18 @@ def load(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.C
     return config
 
 
+def parse_overrides(items, flag: str = "override") -> dict[str, str]:
+    """Command-line `KEY=VALUE` items -> {KEY: VALUE} (values stay strings; `override` parses them).
+    An item without `=` is a SystemExit that names it and the flag it came from."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"{flag} {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
 def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
     """Sets `section.key` in a locked config; a key that does not exist is an error that names it."""
     *parents, leaf = key.split(".")
