@@ -21,14 +21,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from eval.recall import normalize_rows
+
 P_VALUE_THRESHOLD = 0.05
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    """sklearn `normalize` (near-zero rows left as they are)."""
-    norms = np.sqrt(np.einsum("...j,...j->...", x, x))
-    norms[norms < 10 * np.finfo(x.dtype).eps] = 1.0
-    return x / norms[..., None]
 
 
 def _groups(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,7 +46,7 @@ def mean_replicate_cosines(features: np.ndarray, labels) -> tuple[np.ndarray, np
     out = np.full(len(uniques), np.nan)
     for size in np.unique(sizes[sizes >= 2]):
         groups = np.flatnonzero(sizes == size)
-        unit = _unit_rows(grouped[starts[groups][:, None] + np.arange(size)])   # (G, r, d)
+        unit = normalize_rows(grouped[starts[groups][:, None] + np.arange(size)])   # (G, r, d)
         cos = np.clip(np.einsum("grd,gsd->grs", unit, unit), -1, 1)
         low_r, low_c = np.tril_indices(size, k=-1)
         out[groups] = cos[:, low_r, low_c].mean(axis=1)
@@ -76,8 +71,14 @@ def perturbation_consistency(features: np.ndarray, perturbations, negative_contr
         raise ValueError("none of the negative-control perturbations occurs in the data")
     null = np.sort(metric[is_null])
     query = metric[~is_null]
+    return pd.DataFrame({"pert": uniques[~is_null], "avgcossim": query, "pval": _p_values(null, query)})
+
+
+def _p_values(null: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """EFAAR's p-value: the share of the (sorted) null at or above each query; NaN for a perturbation
+    with fewer than 2 replicates (no metric), as EFAAR returns, so it never counts as consistent."""
     pval = 1 - np.searchsorted(null, query, side="left") / len(null)
-    return pd.DataFrame({"pert": uniques[~is_null], "avgcossim": query, "pval": pval})
+    return np.where(np.isnan(query), np.nan, pval)
 
 
 def consistency_summary(table: pd.DataFrame, threshold: float = P_VALUE_THRESHOLD) -> dict:
@@ -114,8 +115,7 @@ def perturbation_consistency_vs_random(features: np.ndarray, perturbations, drop
     keep = ~pd.Index(labels).isin(list(drop))
     uniques, metric = mean_replicate_cosines(np.asarray(features)[keep], labels[keep])
     null = np.sort(random_group_null(features, labels, num_groups, drop, seed))
-    pval = 1 - np.searchsorted(null, metric, side="left") / len(null)
-    return pd.DataFrame({"pert": uniques, "avgcossim": metric, "pval": pval})
+    return pd.DataFrame({"pert": uniques, "avgcossim": metric, "pval": _p_values(null, metric)})
 
 
 # --- ViTally Consistent: KS and Cramer-von Mises ------------------------------------------------
@@ -144,7 +144,7 @@ def replicate_pair_cosines(features: np.ndarray, perturbations, replicates=None)
     for size in np.unique(sizes[sizes >= 2]):
         groups = np.flatnonzero(sizes == size)
         rows = order[starts[groups][:, None] + np.arange(size)]
-        unit = _unit_rows(x[rows])
+        unit = normalize_rows(x[rows])
         cos = np.einsum("grd,gsd->grs", unit, unit)
         low_r, low_c = np.tril_indices(size, k=-1)
         differ = reps[rows][:, low_r] != reps[rows][:, low_c]
@@ -157,7 +157,7 @@ def non_replicate_pair_cosines(features: np.ndarray, perturbations, num_pairs: i
     """Cosines of `num_pairs` random profile pairs from different perturbations (and different
     replicates when given), drawn with a fixed seed."""
     x, perts, reps = _profiles(np.asarray(features), np.asarray(perturbations), replicates)
-    unit = _unit_rows(x)
+    unit = normalize_rows(x)
     codes = pd.factorize(perts)[0]
     rng = np.random.default_rng(seed)
     found, total = [], 0

@@ -76,11 +76,12 @@ def load_relationships(annotation_dir: str | os.PathLike, source: str) -> tuple[
 
 # --- cosine null and queries --------------------------------------------------------------------
 
-def _normalize_rows(x: np.ndarray) -> np.ndarray:
-    """sklearn `normalize`: rows divided by their L2 norm; (near-)zero rows are left as they are."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """sklearn `normalize` over the last axis: vectors divided by their L2 norm; (near-)zero ones are left
+    as they are."""
+    norms = np.sqrt(np.einsum("...j,...j->...", x, x))
     norms[norms < 10 * np.finfo(x.dtype).eps] = 1.0
-    return x / norms[:, None]
+    return x / norms[..., None]
 
 
 def upper_triangle_cosines(features: np.ndarray, row_block: int = ROW_BLOCK) -> np.ndarray:
@@ -89,7 +90,7 @@ def upper_triangle_cosines(features: np.ndarray, row_block: int = ROW_BLOCK) -> 
     Built from row blocks of the cosine matrix, so neither the N x N matrix nor int64 index arrays
     exist at once; peak extra memory is the null itself plus one block.
     """
-    x = _normalize_rows(np.asarray(features))
+    x = normalize_rows(np.asarray(features))
     n = len(x)
     out = np.empty(n * (n - 1) // 2, x.dtype)
     pos = 0

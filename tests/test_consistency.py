@@ -75,3 +75,13 @@ def test_missing_negative_controls_raise():
     x, perts, _ = _screen(1.0, perts=5)
     with pytest.raises(ValueError, match="negative-control"):
         consistency.perturbation_consistency(x, perts, ["not-there"])
+
+
+def test_a_perturbation_with_one_replicate_gets_no_p_value():
+    """As in EFAAR: no replicate pairs, no metric and no p-value, so it never counts as consistent."""
+    x = np.random.default_rng(0).normal(size=(9, 4))
+    labels = np.array(["n1", "n1", "n2", "n2", "a", "a", "b", "b", "solo"])
+    table = consistency.perturbation_consistency(x, labels, ["n1", "n2"])
+    solo = table.set_index("pert").loc["solo"]
+    assert np.isnan(solo["avgcossim"]) and np.isnan(solo["pval"])
+    assert consistency.consistency_summary(table)["num_perturbations"] == 2
