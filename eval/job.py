@@ -4,11 +4,12 @@ every block (recall of known relationships and replicate consistency after batch
   python -m eval.job --workdir runs/demo [--dataset DIR] [--out DIR] [--features {mae,random_init,handcrafted}]
       [--tasks perturbation functional_group:split=perturbations qc experiment] [--eval KEY=VALUE ...]
 
-`mae` evaluates the trained checkpoint in `<workdir>/checkpoints`; `random_init` the same architecture with
-fresh weights (the untrained control); `handcrafted` CellProfiler-style features, no model. The eval settings
-are `maejax.config.base().eval`, overlaid with the run's own `eval` section and then with `--tasks` /
-`--eval KEY=VALUE` (e.g. `--eval probe_model=logistic groups=anax.csv`). Outputs go to `<out>` (default
-`<workdir>/eval/<features>`): report.json, embeddings.parquet, blocks.png, similarity.png.
+`mae` evaluates the run's latest checkpoint (in `<workdir>/checkpoints`, or the run's `ckpt_dir`);
+`random_init` the same architecture with fresh weights (the untrained control); `handcrafted`
+CellProfiler-style features, no model. The eval settings are `maejax.config.base().eval`, overlaid with
+the run's own `eval` section and then with `--tasks` / `--eval KEY=VALUE` (e.g. `--eval
+probe_model=logistic groups=anax.csv`). Outputs go to `<out>` (default `<workdir>/eval/<features>`):
+report.json, embeddings.parquet, blocks.png, similarity.png.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from flax import nnx
 from eval import screen
 from eval.embed import Embedder
 from maejax import config as config_lib, sharding as shd, state as state_lib
-from maejax.checkpoint import Checkpoints
+from maejax.checkpoint import Checkpoints, run_checkpoint_dir
 from maejax.input_pipeline import iterate_records
 from maejax.records import LAYOUT
 
@@ -54,7 +55,7 @@ def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: i
     """(features, metadata, config, dataset_dir, step) for one of FEATURES."""
     if kind not in FEATURES:
         raise ValueError(f"features={kind!r}: choose one of {FEATURES}")
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = run_checkpoint_dir(workdir)
     ckpts = Checkpoints(ckpt_dir)
     step = ckpts.latest_step()
     if step is None:
@@ -134,7 +135,7 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True, help="training run directory (holds checkpoints/)")
+    ap.add_argument("--workdir", required=True, help="training run directory (its config.json says where the checkpoints are)")
     ap.add_argument("--dataset", default=None, help="dataset directory (default: the one it was trained on)")
     ap.add_argument("--out", default=None, help="output directory (default: <workdir>/eval/<features>)")
     ap.add_argument("--features", default="mae", choices=FEATURES)
@@ -143,8 +144,9 @@ def main() -> None:
                     help="probe tasks (eval/tasks.py); default: the run's eval.tasks")
     ap.add_argument("--eval", nargs="+", default=[], metavar="KEY=VALUE", help="eval config overrides")
     a = ap.parse_args()
-    if not os.path.isdir(os.path.join(a.workdir, "checkpoints")):
-        raise SystemExit(f"{a.workdir}: no checkpoints/ directory (train first: python -m maejax.train ...)")
+    ckpt_dir = run_checkpoint_dir(a.workdir)
+    if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):
+        raise SystemExit(f"{a.workdir}: no checkpoint directory {ckpt_dir} (train first: python -m maejax.train ...)")
     overrides = config_lib.parse_overrides(a.eval, "--eval")
     if a.tasks:
         overrides["tasks"] = a.tasks

@@ -15,12 +15,11 @@ import json
 import os
 import time
 
-from absl import flags
 
 from configs import scaling as sweep
 from eval import job, scaling
 from maejax import config as config_lib
-from maejax.checkpoint import Checkpoints
+from maejax.checkpoint import Checkpoints, run_checkpoint_dir
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "scaling.py")
 
@@ -41,7 +40,7 @@ def ensure_dataset(root: str, name: str) -> str:
 
 
 def finished(workdir: str, steps: int) -> bool:
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = run_checkpoint_dir(workdir)
     if not os.path.isdir(ckpt_dir):
         return False
     ckpts = Checkpoints(ckpt_dir)
@@ -53,8 +52,6 @@ def finished(workdir: str, steps: int) -> bool:
 def run_sweep(root: str, models: list[str], datasets: list[str], steps: int) -> dict:
     from maejax.train import train
 
-    if not flags.FLAGS.is_parsed():   # grain reads absl flags
-        flags.FLAGS.mark_as_parsed()
     timings: dict[str, float] = {}
     eval_dir = ensure_dataset(root, "eval")
     for name in datasets:

@@ -9,6 +9,7 @@ lets a checkpoint written on one mesh be read on another (orbax #648).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -34,6 +35,17 @@ def _register_array_handler() -> None:
 
 
 _register_array_handler()
+
+
+def run_checkpoint_dir(workdir: str, ckpt_dir: str | None = None) -> str:
+    """Where the training run in `workdir` keeps its checkpoints: `ckpt_dir` when set (e.g. gs://...),
+    else `<workdir>/checkpoints`. With ckpt_dir None, the run's own `<workdir>/config.json` says."""
+    if ckpt_dir is None:
+        path = os.path.join(workdir, "config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                ckpt_dir = json.load(f).get("ckpt_dir", "")
+    return ckpt_dir or os.path.join(workdir, "checkpoints")
 
 
 class Checkpoints:

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from maejax import mfu, optim, sharding as shd, state as state_lib, step as step_lib
-from maejax.checkpoint import Checkpoints
+from maejax.checkpoint import Checkpoints, run_checkpoint_dir
 from maejax.config import check_known
 from maejax.distributed import PreemptionNotice
 from maejax.metrics import MetricWriter, summarize_steps
@@ -73,7 +73,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 
     # From here on a SIGTERM stops the run at the next step boundary, after saving a checkpoint.
     notice = PreemptionNotice()
-    ckpts = Checkpoints(config.ckpt_dir or os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+    ckpts = Checkpoints(run_checkpoint_dir(workdir, config.ckpt_dir), keep=config.keep_ckpts)
     writer = MetricWriter(workdir, total)
     try:
         # ------------------------------------------------------------------------------------------------
