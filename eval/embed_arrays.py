@@ -37,6 +37,8 @@ def load_images(path: str) -> np.ndarray:
         raise ValueError(f"{path}: cannot read a .npy array ({e})") from e
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"{path}: expected a uint8 array (N, C, H, W), got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise ValueError(f"{path}: no images (shape {images.shape})")
     return images
 
 

@@ -1,8 +1,7 @@
-"""PNG figures for the eval reports: similarity distributions with known pairs, per-block curves."""
+"""PNG figures for the eval reports: similarity distributions with the known pairs marked."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 
 import matplotlib
 
@@ -68,24 +67,3 @@ def plot_similarity_distribution(sims: RelationshipSimilarities, path: str | os.
     plt.close(fig)
     return str(path)
 
-
-def plot_block_metrics(metrics: Mapping[str, Sequence[float]], path: str | os.PathLike,
-                       best_block: int | None = None, ylabel: str = "score", title: str = "") -> str:
-    """Curves of per-block metrics (e.g. recall per source, probe balanced accuracy) against the
-    block index, with the chosen block marked. Returns the path."""
-    if not metrics:
-        raise ValueError("no metrics to plot")
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, values in metrics.items():
-        ax.plot(np.arange(len(values)), values, marker="o", markersize=3, label=name)
-    if best_block is not None:
-        ax.axvline(best_block, color="k", linestyle="--", linewidth=0.8, label=f"best block {best_block}")
-    ax.set_xlabel("block")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)

@@ -15,7 +15,6 @@ import json
 import os
 import time
 
-from absl import flags
 
 from eval import job, screen
 from maejax import config as config_lib
@@ -27,8 +26,6 @@ CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def run(workdir: str, preset: str = "demo", steps: int | None = None, seed: int = 0) -> dict:
     from data.synthetic_screen import generate_screen
 
-    if not flags.FLAGS.is_parsed():  # grain workers read absl flags
-        flags.FLAGS.mark_as_parsed()
     os.makedirs(workdir, exist_ok=True)
     timings = {}
     dataset = os.path.join(workdir, "dataset")
