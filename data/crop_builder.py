@@ -381,7 +381,8 @@ def finished_files(plan: Plan, options: BuildOptions, tables: list[pd.DataFrame]
     manifest_extra = {
         "sources": [spec["source"]],
         "crops": {**options.crop.to_json(), "tile_order": "row-major", "crops_per_site":
-                  options.crop.count(*fmt.size) if fmt.size or options.crop.mode == "random" else None},
+                  options.crop.random_per_site if options.crop.mode == "random"
+                  else options.crop.count(*fmt.size) if fmt.size else None},
         "conversion": {**options.conversion.to_json(), "converted_channels": [channels[c] for c in plan.converted],
                        "levels_file": conversion.LEVELS_FILE if plan.converted else None},
         "site_format": fmt.to_json(),

@@ -112,6 +112,14 @@ def test_random_crops_are_seeded(rxrx1_built, tmp_path):
     np.testing.assert_array_equal(rec["image"], site[:, y:y + 24, x:x + 24])
 
 
+def test_random_crops_of_sites_of_any_size(rxrx1_built, tmp_path):
+    random = CropSpec(size=24, mode="random", random_per_site=2)
+    report = build_dataset(RxRx1(rxrx1_built[0], experiments=["RPE-02"]), tmp_path / "any",
+                           options(crop=random, image_size="any"))
+    manifest = json.loads((report.path / "manifest.json").read_text())
+    assert manifest["crops"]["crops_per_site"] == 2 and report.num_records == 12 * 2
+
+
 def test_rxrx3_core_jpeg2000_in_parquet(tmp_path):
     root, images = fake_screens.rxrx3_core(tmp_path / "src")
     report = build_dataset(RxRx3Core(root), tmp_path / "out", options(image_size=(64, 64)))
