@@ -174,7 +174,7 @@ def check_writable(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:
-        raise ValueError(f"{out_dir} is not empty; pass overwrite=True to replace it")
+        raise ValueError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
     if not (out_dir / LAYOUT.manifest).exists():
         # Only ever replace a dataset: a typo in --out must not wipe someone's directory.
         raise ValueError(f"{out_dir} is not empty and holds no {LAYOUT.manifest}; refusing to replace it")

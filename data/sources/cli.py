@@ -5,9 +5,8 @@ import argparse
 import sys
 
 from data.conversion import ConversionRule
-from data.crop_builder import BuildError, BuildOptions, Source, build_dataset
+from data.crop_builder import BuildOptions, Source, build_dataset
 from data.cropping import CropSpec
-from data.sources.tables import TableError
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -19,7 +18,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--crop-mode", choices=("tile", "random"), default="tile",
                    help="tile: non-overlapping grid, row-major; random: --crops-per-site seeded positions")
     g.add_argument("--crops-per-site", type=int, default=4, help="random mode only")
-    g.add_argument("--image-size", default="auto",
+    g.add_argument("--image-size", type=parse_size, default="auto",
                    help="site size HxW every channel must have; 'auto': the layout's, else the first readable "
                         "site's; 'any': channels of a site need only agree")
     g = p.add_argument_group("16-bit conversion (channels that do not decode to uint8)")
@@ -51,7 +50,7 @@ def options(args: argparse.Namespace) -> BuildOptions:
         conversion=ConversionRule(kind=args.conversion, low=low, high=high, sample_sites=args.sample_sites,
                                   sample_pixels=args.sample_pixels),
         seed=args.seed, num_shards=args.num_shards, records_per_shard=args.records_per_shard,
-        image_size=parse_size(args.image_size), workers=args.workers, skip_bad_sites=args.skip_bad_sites,
+        image_size=args.image_size, workers=args.workers, skip_bad_sites=args.skip_bad_sites,
         overwrite=args.overwrite, restart=args.restart, progress=not args.quiet, name=args.name)
 
 
@@ -82,7 +81,7 @@ def run(make_source, args: argparse.Namespace) -> int:
     try:
         source: Source = make_source()
         report = build_dataset(source, args.out, options(args))
-    except (BuildError, TableError) as e:
+    except ValueError as e:   # BuildError, TableError, a refused --out, bad option values
         print(f"error: {e}", file=sys.stderr)
         return 1
     skipped = (f", {len(report.skipped_sites)} bad sites skipped (listed in the manifest)"
