@@ -47,7 +47,11 @@ class RecordReader:
         return f"{self.shard_files[shard]}[{record_id - self.shard_offsets[shard]}]"
 
     def decode(self, data: bytes, record_id: int) -> np.ndarray:
-        image = records.decode(data, where=self.where(record_id))["image"]
+        try:
+            image = records.decode(data)["image"]
+        except records.RecordError:   # name the record only when it is bad: `where` costs a search
+            records.decode(data, where=self.where(record_id))
+            raise
         if image.shape != self.shape:
             raise records.RecordError(
                 f"{self.where(record_id)}: image shape (C, H, W) = {image.shape}, the dataset's manifest "

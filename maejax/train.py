@@ -54,17 +54,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     tx = optim.make(config.optim, total)
     lr_schedule = optim.schedule(config.optim, total)
     sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
-    _check_num_classes(config)
+    from maejax import input_pipeline  # deferred: grain is heavy to import and eval jobs do not need it
+    dataset = input_pipeline.open_dataset(config.data.dir)   # opened once, for the check and every stream
+    _check_num_classes(config, dataset)
     os.makedirs(workdir, exist_ok=True)
 
     # ----------------------------------------------------------------------------------------------------
     # Input pipeline: this process's streams of the global batch
     # ----------------------------------------------------------------------------------------------------
-    from maejax import input_pipeline  # deferred: grain is heavy to import and eval jobs do not need it
-
     def make_stream(index: int, count: int):
         return input_pipeline.make_train_iterator(
-            config.data.dir, batch_size=batch, crop_size=config.data.crop_size, seed=config.seed,
+            dataset, batch_size=batch, crop_size=config.data.crop_size, seed=config.seed,
             num_workers=config.data.workers, flip=config.data.flip, rot90=config.data.rot90,
             process_index=index, process_count=count, num_channels=config.model.in_channels)
 
@@ -165,13 +165,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         writer.close()
 
 
-def _check_num_classes(config: ml_collections.ConfigDict) -> None:
+def _check_num_classes(config: ml_collections.ConfigDict, dataset) -> None:
     """A classifier needs a logit for every label of the dataset: a label past the last logit would one-hot
     to zeros and train on a silently wrong loss."""
     if config.model.name != "supervised":
         return
-    from maejax import input_pipeline
-    n = len(input_pipeline.open_dataset(config.data.dir).perturbations)
+    n = len(dataset.perturbations)
     if int(config.model.num_classes) < n:
         raise ValueError(f"model.num_classes={config.model.num_classes} is below the {n} perturbations (labels) "
                          f"of the dataset {config.data.dir}; set model.num_classes={n}")
