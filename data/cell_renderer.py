@@ -1,9 +1,13 @@
 """Vectorised rendering of Cell-Painting-like fluorescence images of cultured cells.
 
-Each cell is a wobbly ellipse (its body) holding an eccentric wobbly ellipse (its nucleus). Per cell we
-evaluate seven compartment maps on a small window around it -- DNA content, nucleus mask, nuclear
-envelope, cell mask, perinuclear cytoplasm, plasma membrane, Golgi crescent -- and add the windows into
-per-site canvases. Stains are then mixed from the compartments and site-wide noise textures:
+Each cell is a wobbly ellipse (its body) holding an eccentric wobbly ellipse (its nucleus). Cells sit on
+a jittered grid or in colonies, oriented along a common axis or not, some in another state (a
+subpopulation). Per cell we evaluate nine compartment maps on a small window around it -- DNA content,
+nucleus mask, nuclear envelope, cell mask, perinuclear cytoplasm, plasma membrane, and three stain
+densities with a fixed total per cell (Golgi crescent, mitochondria, diffuse RNA), so that relocalising
+them keeps each cell's total intensity -- and add the windows into per-site canvases. Stains are then
+mixed from the compartments and site-wide noise textures, pairs of which are correlated to set the
+co-localisation of two stains:
 
     DNA    nuclei with chromatin texture and bright chromocentres
     ER     reticulate texture dense around the nucleus, fading outwards, plus the nuclear envelope
@@ -49,6 +53,26 @@ class SitePhenotypes:
     mito_puncta: np.ndarray         # mitochondrial puncta abundance (same scale)
     golgi_dispersal: np.ndarray     # 1 = compact ribbon, larger = fragmented and spread
     membrane: np.ndarray            # plasma-membrane stain strength
+    # Relocalisation at constant total stain per cell.
+    rna_nuclear_fraction: np.ndarray  # share of the diffuse RNA stain inside the nucleus (rest: cytoplasm)
+    mito_spread: np.ndarray         # px: decay length of mitochondria away from the nucleus
+    # Subpopulation: this fraction of cells is in another state whose log nucleus size, log DNA content
+    # and log cell size differ by subpop_* / subpop_fraction, so that the mean over all cells moves by
+    # exactly subpop_* (the same well mean as a uniform shift of that size).
+    subpop_fraction: np.ndarray
+    subpop_nucleus: np.ndarray
+    subpop_dna: np.ndarray
+    subpop_cell: np.ndarray
+    # Spatial organisation, each in [0, 1]: share of cells placed in colonies (the rest on a jittered
+    # grid), share of cells oriented along the site's common axis, share of cells whose Golgi faces
+    # their nearest neighbour.
+    clustering: np.ndarray
+    alignment: np.ndarray
+    polarity: np.ndarray
+    # Cross-channel co-localisation: correlation in [-1, 1] of two stains' texture fields (means unchanged).
+    coloc_mito_er: np.ndarray
+    coloc_rna_dna: np.ndarray
+    coloc_golgi_agp: np.ndarray
 
     def __len__(self) -> int:
         return len(self.cell_density)
@@ -64,33 +88,65 @@ class Cells:
 
 
 def sample_cells(pheno: SitePhenotypes, size: int, rng: np.random.Generator) -> Cells:
-    """Places cells on a jittered grid (so they tile like a monolayer) and draws their shapes."""
+    """Places cells (a jittered grid, like a monolayer, mixed with colonies by `clustering`) and draws
+    their shapes, states and orientations."""
     sites, xs, ys = [], [], []
     for s in range(len(pheno)):
-        spacing = 1.9 * pheno.cell_radius[s]
+        spacing = 1.7 * pheno.cell_radius[s]
         # Candidates extend past the border so cells are cut by the field of view, as in real images.
         grid = np.arange(-spacing / 2, size + spacing / 2, spacing)
         gx, gy = np.meshgrid(grid, grid)
-        expected = pheno.cell_density[s] * 1e-4 * (grid[-1] - grid[0] + spacing) ** 2
+        extent = grid[-1] - grid[0] + spacing
+        expected = pheno.cell_density[s] * 1e-4 * extent ** 2
         n = min(rng.poisson(expected), gx.size)
-        keep = rng.choice(gx.size, size=n, replace=False)
-        jitter = rng.uniform(-0.3, 0.3, size=(2, n)) * spacing
-        xs.append(gx.ravel()[keep] + jitter[0])
-        ys.append(gy.ravel()[keep] + jitter[1])
+        colony = rng.random(n) < pheno.clustering[s]
+        n_grid = int(n - colony.sum())
+        keep = rng.choice(gx.size, size=n_grid, replace=False)
+        jitter = rng.uniform(-0.3, 0.3, size=(2, n_grid)) * spacing
+        x = np.empty(n)
+        y = np.empty(n)
+        x[~colony] = gx.ravel()[keep] + jitter[0]
+        y[~colony] = gy.ravel()[keep] + jitter[1]
+        # Colonies: centres uniform over the field, about 6 cells each, cells packed around the centre.
+        m = int(colony.sum())
+        if m:
+            centres = rng.uniform(grid[0], grid[-1] + spacing, size=(max(1, round(m / 6)), 2))
+            which = rng.integers(0, len(centres), m)
+            radius = spacing * np.sqrt(rng.uniform(0, 1.6, m))
+            angle = rng.uniform(0, 2 * np.pi, m)
+            x[colony] = centres[which, 0] + radius * np.cos(angle)
+            y[colony] = centres[which, 1] + radius * np.sin(angle)
+        xs.append(x)
+        ys.append(y)
         sites.append(np.full(n, s))
     site = np.concatenate(sites)
+    x, y = np.concatenate(xs), np.concatenate(ys)
     n = len(site)
 
     def per_site(values, sd=0.0):
         return (values[site] * np.exp(rng.normal(0.0, sd, n))).astype(np.float32)
 
     mitotic = rng.random(n) < pheno.mitotic_fraction[site]
-    nucleus_radius = per_site(pheno.nucleus_radius, 0.12) * np.where(mitotic, 0.7, 1.0)
+    # The subpopulation's state, and its size: the all-cell mean of each log quantity moves by subpop_*.
+    frac = np.maximum(pheno.subpop_fraction[site], 1e-3)
+    other = (rng.random(n) < pheno.subpop_fraction[site]) & ~mitotic
+    state = lambda v: np.exp(np.where(other, np.clip(v[site] / frac, -1.2, 1.2), 0.0))
+    nucleus_radius = per_site(pheno.nucleus_radius, 0.12) * np.where(mitotic, 0.7, 1.0) * state(pheno.subpop_nucleus)
     nucleus_elong = np.where(mitotic, 1.0, np.maximum(per_site(pheno.nucleus_elongation, 0.1), 1.0))
-    cell_radius = per_site(pheno.cell_radius, 0.12) * np.where(mitotic, 0.7, 1.0)
+    cell_radius = per_site(pheno.cell_radius, 0.12) * np.where(mitotic, 0.7, 1.0) * state(pheno.subpop_cell)
     cell_radius = np.maximum(cell_radius, 1.25 * nucleus_radius * np.sqrt(nucleus_elong))
     cell_elong = np.where(mitotic, 1.0, np.maximum(per_site(pheno.cell_elongation, 0.15), 1.0))
-    nucleus_angle = rng.uniform(0, np.pi, n)
+    # Orientation: `alignment` of the cells follow their site's common axis, the rest point anywhere.
+    axis = rng.uniform(0, np.pi, len(pheno))[site]
+    aligned = rng.random(n) < pheno.alignment[site]
+    nucleus_angle = np.where(aligned, axis + rng.normal(0, 0.25, n), rng.uniform(0, np.pi, n))
+    # Polarity: `polarity` of the cells turn their Golgi towards their nearest neighbour.
+    golgi_angle = rng.uniform(0, 2 * np.pi, n)
+    polar = rng.random(n) < pheno.polarity[site]
+    if polar.any():
+        toward = _nearest_neighbour_angle(site, x, y)
+        golgi_angle = np.where(polar & np.isfinite(toward), np.nan_to_num(toward) + rng.normal(0, 0.3, n),
+                               golgi_angle)
     shift = rng.uniform(0, 0.25, n) * cell_radius
     shift_angle = rng.uniform(0, 2 * np.pi, n)
     fields = {
@@ -106,18 +162,38 @@ def sample_cells(pheno: SitePhenotypes, size: int, rng: np.random.Generator) -> 
         # The nucleus sits off-centre in the cell: the cell centre is offset from the nucleus centre.
         "cell_dx": shift * np.cos(shift_angle),
         "cell_dy": shift * np.sin(shift_angle),
-        "dna": np.exp(rng.normal(0, 0.12, n)) * np.where(mitotic, 2.0, 1.0),
+        "dna": np.exp(rng.normal(0, 0.12, n)) * np.where(mitotic, 2.0, 1.0) * state(pheno.subpop_dna),
         "cyto": np.exp(rng.normal(0, 0.15, n)),
         "er_spread": per_site(pheno.er_spread, 0.1),
-        "golgi_angle": rng.uniform(0, 2 * np.pi, n),
+        "mito_spread": per_site(pheno.mito_spread, 0.1),
+        "rna_nuclear": np.clip(pheno.rna_nuclear_fraction[site] + rng.normal(0, 0.03, n), 0.02, 0.98),
+        "golgi_angle": golgi_angle,
         "golgi_width": np.clip(0.75 * per_site(pheno.golgi_dispersal, 0.15), 0.3, 2.5),
         "golgi_thickness": 1.3 * per_site(pheno.golgi_dispersal, 0.1),
     }
     fields = {k: np.asarray(v, np.float32) for k, v in fields.items()}
-    return Cells(site=site, x=np.concatenate(xs), y=np.concatenate(ys), fields=fields)
+    return Cells(site=site, x=x, y=y, fields=fields)
 
 
-COMPARTMENTS = ("dna", "nucleus", "envelope", "cell", "perinuclear", "membrane", "golgi")
+def _nearest_neighbour_angle(site: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per cell, the direction (radians) to the nearest other cell of its site (NaN when alone)."""
+    from scipy.spatial import cKDTree
+    out = np.full(len(site), np.nan)
+    for s in np.unique(site):
+        idx = np.flatnonzero(site == s)
+        if len(idx) < 2:
+            continue
+        pts = np.stack([x[idx], y[idx]], axis=1)
+        _, nn = cKDTree(pts).query(pts, k=2)
+        d = pts[nn[:, 1]] - pts
+        out[idx] = np.arctan2(d[:, 1], d[:, 0])
+    return out
+
+
+COMPARTMENTS = ("dna", "nucleus", "envelope", "cell", "perinuclear", "membrane", "golgi", "mito", "rna")
+# Masks and shells: overlapping cells do not stack up brighter than one cell. The other maps are stain
+# densities normalised per cell (constant totals), which add up where cells overlap.
+_CLIPPED = [COMPARTMENTS.index(k) for k in ("nucleus", "envelope", "cell", "perinuclear", "membrane")]
 
 
 def render_compartments(cells: Cells, num_sites: int, size: int) -> np.ndarray:
@@ -145,8 +221,7 @@ def render_compartments(cells: Cells, num_sites: int, size: int) -> np.ndarray:
             y0, x0 = iy[i] + margin - radius, ix[i] + margin - radius
             canvas[cells.site[i], :, y0:y0 + width, x0:x0 + width] += windows[k]
     canvas = canvas[:, :, margin:margin + size, margin:margin + size]
-    # Overlapping cells do not stack up brighter than one cell's worth of stain.
-    canvas[:, 1:] = np.minimum(canvas[:, 1:], 1.0)
+    canvas[:, _CLIPPED] = np.minimum(canvas[:, _CLIPPED], 1.0)
     return canvas
 
 
@@ -172,7 +247,7 @@ def _cell_windows(cells: Cells, members: np.ndarray, radius: int) -> np.ndarray:
     nucleus_b, cell_b = col(f["nucleus_b"]), col(f["cell_b"])
 
     out = np.empty((len(members), len(COMPARTMENTS)) + rho_n.shape[1:], np.float32)
-    dna, nucleus, envelope, cell, perinuclear, membrane, golgi = (out[:, k] for k in range(len(COMPARTMENTS)))
+    dna, nucleus, envelope, cell, perinuclear, membrane, golgi, mito, rna = (out[:, k] for k in range(len(COMPARTMENTS)))
     nucleus[:] = _smoothstep((1 - rho_n) * nucleus_b / EDGE_PX + 0.5)
     cell[:] = _smoothstep((1 - rho_c) * cell_b / EDGE_PX + 0.5)
     px_out_of_nucleus = np.maximum(rho_n - 1, 0) * nucleus_b
@@ -184,36 +259,58 @@ def _cell_windows(cells: Cells, members: np.ndarray, radius: int) -> np.ndarray:
     arc = _bump((1 - toward) / (1 - np.cos(col(f["golgi_width"]))))
     golgi[:] = arc * _bump((px_out_of_nucleus - 1.4) / col(f["golgi_thickness"])) * cell
     dna[:] = nucleus * (1 - 0.25 * np.minimum(rho_n, 1) ** 2) * col(f["dna"])
+    # Stain densities with a fixed total per cell, so that relocalising them changes no total intensity.
+    cytoplasm = cell * (1 - nucleus)
+    cyto_area = _total(cytoplasm)
+    mito[:] = cytoplasm * np.exp(-px_out_of_nucleus / col(f["mito_spread"]))
+    mito *= 0.5 * cyto_area / _total(mito)
+    golgi *= 10.0 / _total(golgi)
+    frac = col(f["rna_nuclear"])
+    rna_total = 0.15 * _total(cell)
+    rna[:] = rna_total * (frac * nucleus / _total(nucleus) + (1 - frac) * cytoplasm / cyto_area)
     cyto = col(f["cyto"])
-    cell *= cyto
-    perinuclear *= cyto
-    golgi *= cyto
+    for stain in (cell, perinuclear, golgi, mito, rna):
+        stain *= cyto
     return out
+
+
+def _total(maps: np.ndarray) -> np.ndarray:
+    """Per-window sums (n, 1, 1), never zero."""
+    return np.maximum(maps.sum(axis=(1, 2), keepdims=True), 1e-3)
 
 
 def mix_stains(compartments: np.ndarray, pheno: SitePhenotypes, num_channels: int,
                rng: np.random.Generator) -> np.ndarray:
     """(n, K, S, S) compartments -> (n, num_channels, S, S) float32 stain images."""
     n, _, size, _ = compartments.shape
-    dna, nucleus, envelope, cell, perinuclear, membrane, golgi = np.moveaxis(compartments, 1, 0)
-    fine_a, fine_b = _texture(rng, (2, n, size, size), sigma=0.7)
-    medium_a, medium_b = _texture(rng, (2, n, size, size), sigma=1.4)
+    dna, nucleus, envelope, cell, perinuclear, membrane, golgi, mito, rna = np.moveaxis(compartments, 1, 0)
+    fine_a, fine_b, fine_c = _texture(rng, (3, n, size, size), sigma=0.7)
+    medium_a, medium_b, medium_c, medium_d = _texture(rng, (4, n, size, size), sigma=1.4)
 
     def site(v):
         return np.asarray(v, np.float32)[:, None, None]
 
-    nucleoli = np.maximum(medium_a - (1.6 - site(pheno.nucleoli)), 0)
+    def mix(shared, own, rho):
+        """A unit-variance field whose correlation with `shared` is rho (its mean is unchanged)."""
+        rho = np.clip(site(rho), -0.99, 0.99)
+        return rho * shared + np.sqrt(1 - rho * rho) * own
+
+    er_field = fine_b
+    mito_field = mix(er_field, fine_c, pheno.coloc_mito_er)       # mitochondria along the ER
+    dna_field = medium_b
+    nucleoli_field = mix(dna_field, medium_a, pheno.coloc_rna_dna)  # nucleoli at chromatin texture
+    agp_field = medium_c
+    golgi_field = mix(agp_field, medium_d, pheno.coloc_golgi_agp)
+    nucleoli = np.maximum(nucleoli_field - (1.6 - site(pheno.nucleoli)), 0)
     chromocentres = np.maximum(fine_a - 1.8, 0)
     stains = {
-        # Nucleoli are DNA-poor: the DNA stain dims where the RNA stain lights up.
-        "DNA": dna * (1 + site(pheno.dna_texture) * (0.3 * medium_b - 0.6 * nucleoli)) + 0.5 * nucleus * chromocentres,
-        "ER": perinuclear * (0.4 + site(pheno.er_texture) * np.maximum(fine_b, 0))
+        "DNA": dna * (1 + site(pheno.dna_texture) * 0.3 * dna_field) + 0.5 * nucleus * chromocentres,
+        "ER": perinuclear * (0.4 + site(pheno.er_texture) * np.maximum(er_field, 0))
               + 0.45 * envelope + 0.06 * cell,
-        "RNA": nucleus * (0.2 + 1.2 * nucleoli) + 0.3 * perinuclear + 0.06 * cell,
-        "AGP": site(pheno.membrane) * membrane + cell * (0.2 + 0.07 * medium_b),
-        "Mito": perinuclear * (0.1 + 1.4 * np.maximum(fine_a - (1.6 - site(pheno.mito_puncta)), 0))
-                + 0.04 * cell,
-        "Golgi": golgi * (0.8 + 0.25 * medium_b) + 0.12 * membrane + 0.03 * cell,
+        "RNA": nucleus * 1.2 * nucleoli + rna,
+        "AGP": site(pheno.membrane) * membrane + cell * (0.2 + 0.07 * agp_field),
+        "Mito": mito * (0.2 + 2.0 * np.maximum(mito_field - (1.6 - site(pheno.mito_puncta)), 0)) + 0.04 * cell,
+        "Golgi": golgi * (0.8 + 0.25 * golgi_field) + 0.12 * membrane + 0.03 * cell,
     }
     images = np.stack([stains[STAINS[c % len(STAINS)]] for c in range(num_channels)], axis=1)
     return np.maximum(images, 0).astype(np.float32)

@@ -1,22 +1,26 @@
-"""The synthetic screen: a Cell-Painting-like CRISPR screen with known biology, our embedded dataset.
+"""The synthetic screen (version 2): a Cell-Painting-like CRISPR screen with known biology, our test bench.
 
-Biology. Genes belong to complexes, complexes to pathways. A gene's latent vector mixes its pathway's,
-its complex's and its own random vectors, so same-complex genes have strongly correlated phenotypes and
-same-pathway genes weakly correlated ones. A fixed random map takes a latent vector to phenotype
-features in [-1, 1] (cell count, nucleus and cell size and shape, mitotic fraction, texture and
-organelle patterns, per-channel intensity; see PHENOTYPE_AXES). Null genes (in no complex) and the
-negative controls leave cells unperturbed.
+Design and the reason for every choice: docs/synthetic_screen.md. In short:
 
-Screen. experiments (batches) x plates x wells x sites. Each plate holds every gene in
-`wells_per_gene` wells plus `control_wells` negative controls at random positions. Each experiment has
-its own acquisition: per-channel gain and offset, vignetting and a planar illumination gradient,
-noise level, cell density and size (plates and wells add small gain jitter), strong enough that
-embeddings cluster by experiment until they are corrected on controls.
+Biology. Genes belong to complexes, complexes to pathways, and each pathway to one of six phenotype
+FAMILIES (intensity, morphology, relocalisation, subpopulation, spatial organisation, co-localisation;
+each a fixed share of the genes). A well's state is a vector of phenotype PARAMS in units of the control
+well-to-well SD (z): controls are N(0, 1) around the unperturbed cell; a perturbed gene adds a sparse
+effect on its family's parameters, mixed from its pathway's and complex's latent programs and its own.
+Null genes (in no complex) and the negative controls leave cells unperturbed.
 
-Output. Sites are rendered (data/cell_renderer.py), quantised to uint8 and cut by a row-major tiling
-into crops, which go through data/arrayrecord_writer.py; `annotations/` gets SyntheticComplex.txt and
-SyntheticPathway.txt (same-complex / same-pathway gene pairs; pathway pairs include complex pairs),
-and ground_truth.json keeps the groups, latents, phenotypes and batch effects.
+Screen. experiments (batches) x plates x wells x sites. Genes are dealt into gene sets that fit a
+384-well plate with `control_wells` negative controls; each experiment holds every set on
+plates_per_experiment / sets plates, so each gene has that many wells per experiment. Each experiment and
+plate has its own acquisition: per-channel gain and offset, vignetting and an illumination gradient,
+focus blur, noise level, cell density and size.
+
+Output. Sites are rendered (data/cell_renderer.py), quantised to uint8 and cut by a row-major tiling into
+crops, which go through data/arrayrecord_writer.py. `annotations/` gets SyntheticComplex.txt
+(same-complex pairs) and SyntheticPathway.txt (same-pathway pairs of different complexes), written with
+a stated share of true pairs missing and of listed pairs false, as public databases are;
+ground_truth.json keeps the true groups, families, effects and batch effects, and oracle.parquet each
+well's true (noise-free) phenotype parameters, the ceiling of every table.
 
     python -m data.synthetic_screen --out /tmp/screen --preset demo --preview
 """
@@ -26,6 +30,7 @@ import argparse
 import collections
 import dataclasses
 import functools
+import io
 import itertools
 import json
 import math
@@ -38,32 +43,66 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from scipy import ndimage
 
 from data import cell_renderer
 from data.arrayrecord_writer import write_dataset
 
+VERSION = 2
 CONTROL_LABEL = "non-targeting"
 CHUNK_SITES = 32  # sites rendered together; fixed, so the output never depends on memory settings
 PLATE_ROWS, PLATE_COLS = 16, 24  # 384-well plates
+FAMILIES = ("intensity", "morphology", "relocalisation", "subpopulation", "spatial", "colocalisation")
 
-# Phenotype feature -> (SitePhenotypes field, unperturbed value, how a feature value phi moves it:
-# "log" multiplies by exp(scale * phi), "add" adds scale * phi).
-PHENOTYPE_AXES: dict[str, tuple[str, float, str, float]] = {
-    "cell_count": ("cell_density", 1.0, "log", 0.5),  # relative to ScreenConfig.cell_density
-    "nucleus_size": ("nucleus_radius", 1.0, "log", 0.2),  # relative to ScreenConfig.nucleus_radius
-    "nucleus_elongation": ("nucleus_elongation", 1.25, "log", 0.25),
-    "cell_size": ("cell_radius", 1.0, "log", 0.2),  # relative to ScreenConfig.cell_radius
-    "cell_elongation": ("cell_elongation", 1.4, "log", 0.35),
-    "mitotic_fraction": ("mitotic_fraction", 0.04, "log", 1.2),
-    "dna_texture": ("dna_texture", 1.0, "log", 0.6),
-    "er_texture": ("er_texture", 0.8, "log", 0.6),
-    "er_spread": ("er_spread", 3.5, "log", 0.4),
-    "nucleoli": ("nucleoli", 0.6, "add", 0.5),
-    "mito_puncta": ("mito_puncta", 0.7, "add", 0.5),
-    "golgi_dispersal": ("golgi_dispersal", 1.0, "log", 0.5),
-    "membrane": ("membrane", 0.8, "log", 0.5),
-}
-INTENSITY_SCALE = 0.3  # per-channel intensity features act as exp(0.3 * phi)
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One phenotype parameter: its family, the SitePhenotypes field it sets, the unperturbed value, the
+    control well-to-well SD (one z unit) and how z moves the value: "log" (base * exp(sd z)), "add"
+    (base + sd z, clipped to `limits`) or "logit" (sigmoid(logit(base) + sd z))."""
+    family: str
+    field: str
+    base: float
+    sd: float
+    kind: str = "log"
+    limits: tuple[float, float] = (-np.inf, np.inf)
+
+    def value(self, z: np.ndarray) -> np.ndarray:
+        if self.kind == "log":
+            return self.base * np.exp(self.sd * z)
+        if self.kind == "logit":
+            return 1 / (1 + np.exp(-(math.log(self.base / (1 - self.base)) + self.sd * z)))
+        return np.clip(self.base + self.sd * z, *self.limits)
+
+
+def make_params(num_channels: int) -> dict[str, Param]:
+    """Every phenotype parameter by name (intensity: one per channel; field "" = the channel gain)."""
+    params = {f"intensity_{c}": Param("intensity", "", 1.0, 0.06) for c in cell_renderer.stain_names(num_channels)}
+    params.update({
+        "nucleus_size": Param("morphology", "nucleus_radius", 1.0, 0.04),     # x ScreenConfig.nucleus_radius
+        "nucleus_elongation": Param("morphology", "nucleus_elongation", 1.25, 0.05),
+        "cell_size": Param("morphology", "cell_radius", 1.0, 0.04),           # x ScreenConfig.cell_radius
+        "cell_elongation": Param("morphology", "cell_elongation", 1.4, 0.06),
+        "rna_nuclear_fraction": Param("relocalisation", "rna_nuclear_fraction", 0.35, 0.2, "logit"),
+        "mito_spread": Param("relocalisation", "mito_spread", 2.5, 0.1),
+        "golgi_dispersal": Param("relocalisation", "golgi_dispersal", 1.0, 0.1),
+        "subpop_nucleus": Param("subpopulation", "subpop_nucleus", 0.0, 0.03, "add"),
+        "subpop_dna": Param("subpopulation", "subpop_dna", 0.0, 0.03, "add"),
+        "subpop_cell": Param("subpopulation", "subpop_cell", 0.0, 0.03, "add"),
+        "clustering": Param("spatial", "clustering", 0.15, 0.08, "add", (0.0, 1.0)),
+        "alignment": Param("spatial", "alignment", 0.15, 0.08, "add", (0.0, 1.0)),
+        "polarity": Param("spatial", "polarity", 0.10, 0.08, "add", (0.0, 1.0)),
+        "coloc_mito_er": Param("colocalisation", "coloc_mito_er", 0.0, 0.1, "add", (-0.95, 0.95)),
+        "coloc_rna_dna": Param("colocalisation", "coloc_rna_dna", 0.0, 0.1, "add", (-0.95, 0.95)),
+        "coloc_golgi_agp": Param("colocalisation", "coloc_golgi_agp", 0.0, 0.1, "add", (-0.95, 0.95)),
+    })
+    return params
+
+
+# Fields of the unperturbed cell that no family moves.
+FIXED_FIELDS = dict(mitotic_fraction=0.04, dna_texture=1.0, er_texture=0.8, er_spread=3.0, nucleoli=0.6,
+                    mito_puncta=0.7, membrane=0.8)
 # uint8 brightness of one unit of each stain, before gains.
 STAIN_BRIGHTNESS = {"DNA": 120.0, "ER": 80.0, "RNA": 120.0, "AGP": 130.0, "Mito": 140.0, "Golgi": 200.0}
 
@@ -73,32 +112,35 @@ class ScreenConfig:
     """Every generation parameter (the `demo` preset is these defaults); each is a CLI flag too."""
     name: str = "synthetic"
     seed: int = 0
-    # Biology.
-    num_pathways: int = 3
-    num_complexes: int = 9
-    complex_size_min: int = 4
-    complex_size_max: int = 6
-    num_null_genes: int = 8
-    latent_dim: int = 16
-    pathway_weight: float = 0.7  # latent = pathway_weight * pathway + complex_weight * complex + gene_weight * own
+    # Biology: pathways_per_family x len(FAMILIES) pathways, each of complexes_per_pathway complexes.
+    pathways_per_family: int = 4
+    complexes_per_pathway: int = 3
+    complex_size_min: int = 3
+    complex_size_max: int = 7
+    num_null_genes: int = 60
+    pathway_weight: float = 0.7  # effect = pathway_weight * pathway + complex_weight * complex + gene_weight * own
     complex_weight: float = 1.0
-    gene_weight: float = 0.5
-    gene_strength_min: float = 0.6  # each gene's latent is scaled by a strength drawn in [min, max]
-    gene_strength_max: float = 1.3
-    effect_size: float = 1.0  # scales every phenotype feature
+    gene_weight: float = 0.4
+    gene_strength_min: float = 0.6  # each gene's effect is scaled by a strength drawn in [min, max]
+    gene_strength_max: float = 1.4
+    effect_size: float = 2.5    # RMS effect on a gene's family parameters, in control well-to-well SDs
+    subpop_fraction_min: float = 0.1   # the subpopulation family's genes put this share of cells in
+    subpop_fraction_max: float = 0.3   # the other state (drawn per gene)
+    # Annotation tables as written (the ground truth keeps the true pairs).
+    annotation_missing: float = 0.2   # share of true pairs left out
+    annotation_false: float = 0.1     # share of listed pairs that are not true pairs
     # Screen layout.
     num_experiments: int = 4
-    plates_per_experiment: int = 2
-    wells_per_gene: int = 1  # per plate
-    control_wells: int = 6  # per plate
-    sites_per_well: int = 2
+    plates_per_experiment: int = 4     # a multiple of the gene sets (genes / plate capacity, rounded up)
+    control_wells: int = 24            # per plate
+    sites_per_well: int = 1
     site_size: int = 128
     crop_size: int = 64
     num_channels: int = 6
     # Unperturbed cells.
-    cell_density: float = 18.0  # cells per 10,000 px^2
-    nucleus_radius: float = 5.0
-    cell_radius: float = 10.0
+    cell_density: float = 60.0  # cells per 10,000 px^2 (~24 per 64 x 64 crop)
+    nucleus_radius: float = 3.6
+    cell_radius: float = 7.0
     # Acquisition: every batch effect is scaled by batch_effect_size (0 = identical experiments).
     batch_effect_size: float = 1.0
     # Image-quality artefacts (cell_renderer.QC_LABELS): this fraction of crops gets one, drawn per crop
@@ -112,25 +154,32 @@ class ScreenConfig:
         if not 1 <= self.complex_size_min <= self.complex_size_max:
             raise ValueError(f"need 1 <= complex_size_min <= complex_size_max, got "
                              f"{self.complex_size_min}, {self.complex_size_max}")
-        if not 1 <= self.num_pathways <= self.num_complexes:
-            raise ValueError(f"need 1 <= num_pathways ({self.num_pathways}) <= num_complexes ({self.num_complexes})")
+        if min(self.pathways_per_family, self.complexes_per_pathway) < 1:
+            raise ValueError(f"pathways_per_family ({self.pathways_per_family}) and complexes_per_pathway "
+                             f"({self.complexes_per_pathway}) must be >= 1")
         if min(self.num_experiments, self.plates_per_experiment, self.sites_per_well, self.control_wells,
                self.num_channels) < 1:
             raise ValueError("num_experiments, plates_per_experiment, sites_per_well, control_wells and "
                              "num_channels must be >= 1")
-        if not 0.0 <= self.artifact_fraction <= 1.0:
-            raise ValueError(f"artifact_fraction must be in [0, 1], got {self.artifact_fraction}")
+        if self.control_wells >= PLATE_ROWS * PLATE_COLS:
+            raise ValueError(f"control_wells {self.control_wells} leaves no room on a 384-well plate")
+        for name in ("artifact_fraction", "annotation_missing", "annotation_false"):
+            if not 0.0 <= getattr(self, name) < 1.0 + (name == "artifact_fraction"):
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 < self.subpop_fraction_min <= self.subpop_fraction_max <= 1:
+            raise ValueError("need 0 < subpop_fraction_min <= subpop_fraction_max <= 1")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Seconds to build; enough structure for tests.
-    "tiny": dict(num_pathways=2, num_complexes=3, complex_size_min=2, complex_size_max=3, num_null_genes=2,
-                 num_experiments=2, plates_per_experiment=1, control_wells=2, sites_per_well=1,
-                 site_size=64, crop_size=32, num_shards=2),
-    # The main job: ~53 genes, 4 experiments x 2 plates, ~3,800 crops of 64x64.
+    # Code-path tests only (seconds; one pathway per family, too few genes to rank models).
+    "tiny": dict(pathways_per_family=1, complexes_per_pathway=2, complex_size_min=2, complex_size_max=2,
+                 num_null_genes=2, num_experiments=2, plates_per_experiment=1, control_wells=4,
+                 site_size=64, crop_size=32, num_shards=2, cell_density=40.0),
+    # The main job: 402 genes, 4 experiments x 4 plates, 8 wells per gene, 14,400 crops of 64x64x6.
     "demo": dict(),
-    # Throughput benchmark: 10,752 crops of 64x64x6.
-    "bench10k": dict(num_complexes=30, num_pathways=8, num_null_genes=10, control_wells=8),
+    # The smallest screen that still ranks models: 210 genes, 4 experiments x 2 plates, 4 wells per gene.
+    "fast": dict(pathways_per_family=3, complexes_per_pathway=2, complex_size_min=4, complex_size_max=6,
+                 num_null_genes=30, plates_per_experiment=2),
     # The demo screen with image-quality artefacts on 10% of the crops (the `qc` probe task).
     "demo_qc": dict(artifact_fraction=0.1),
 }
@@ -141,9 +190,14 @@ class Biology:
     genes: list[str]          # effective genes first, then null genes
     complex_of: list[int]     # per gene, -1 for null genes
     pathway_of_complex: list[int]
+    family_of_pathway: list[int]
     strength: np.ndarray      # (G,)
-    latents: np.ndarray       # (G, latent_dim), zero for null genes
-    phenotypes: np.ndarray    # (G, num features), zero for null genes
+    effects: np.ndarray       # (G, P) in control well-to-well SDs, zero for null genes
+    subpop_fraction: np.ndarray  # (G,) share of cells in the other state (subpopulation genes)
+
+    def family_of_gene(self, i: int) -> str | None:
+        k = self.complex_of[i]
+        return FAMILIES[self.family_of_pathway[self.pathway_of_complex[k]]] if k >= 0 else None
 
     def complexes(self) -> dict[str, list[str]]:
         groups: dict[str, list[str]] = {}
@@ -168,47 +222,75 @@ def _pathway_name(p: int) -> str:
 
 
 def feature_names(num_channels: int) -> list[str]:
-    return list(PHENOTYPE_AXES) + [f"intensity_{c}" for c in cell_renderer.stain_names(num_channels)]
+    """The phenotype parameters, in the order of Biology.effects' columns and oracle.parquet."""
+    return list(make_params(num_channels))
+
+
+def _program(rng: np.random.Generator, columns: np.ndarray, num_params: int) -> np.ndarray:
+    """A sparse latent program: N(0, 1) on 1-2 of the family's parameters (1-3 for a wider family)."""
+    vec = np.zeros(num_params)
+    k = rng.integers(1, 3 if len(columns) <= 4 else 4)
+    on = rng.choice(columns, size=min(k, len(columns)), replace=False)
+    vec[on] = rng.standard_normal(len(on))
+    return vec
 
 
 def make_biology(cfg: ScreenConfig, rng: np.random.Generator) -> Biology:
-    sizes = rng.integers(cfg.complex_size_min, cfg.complex_size_max + 1, size=cfg.num_complexes)
-    # Every pathway gets at least one complex.
-    pathway_of_complex = rng.permutation(np.arange(cfg.num_complexes) % cfg.num_pathways)
-    complex_of = np.concatenate([np.repeat(np.arange(cfg.num_complexes), sizes),
-                                 np.full(cfg.num_null_genes, -1)])
+    params = make_params(cfg.num_channels)
+    fam_cols = [np.array([j for j, p in enumerate(params.values()) if p.family == f]) for f in FAMILIES]
+    num_pathways = cfg.pathways_per_family * len(FAMILIES)
+    num_complexes = num_pathways * cfg.complexes_per_pathway
+    family_of_pathway = np.arange(num_pathways) % len(FAMILIES)   # the same number of pathways per family
+    pathway_of_complex = np.repeat(np.arange(num_pathways), cfg.complexes_per_pathway)
+    # Complex sizes cycle through [min, max] and are dealt at random within each family: every family (and
+    # every seed) has exactly the same number of genes.
+    per_family = np.resize(np.arange(cfg.complex_size_min, cfg.complex_size_max + 1),
+                           cfg.pathways_per_family * cfg.complexes_per_pathway)
+    sizes = np.empty(num_complexes, int)
+    for f in range(len(FAMILIES)):
+        slots = np.flatnonzero(family_of_pathway[pathway_of_complex] == f)
+        sizes[slots] = rng.permutation(per_family)
+    complex_of = np.concatenate([np.repeat(np.arange(num_complexes), sizes), np.full(cfg.num_null_genes, -1)])
     num_genes = len(complex_of)
     # Random names, so that gene numbering says nothing about complex membership.
     names = [f"GENE{i + 1:04d}" for i in rng.permutation(num_genes)]
 
-    d = cfg.latent_dim
-    pathway_vec = rng.standard_normal((cfg.num_pathways, d))
-    complex_vec = rng.standard_normal((cfg.num_complexes, d))
-    own_vec = rng.standard_normal((num_genes, d))
+    P = len(params)
+    pathway_vec = np.stack([_program(rng, fam_cols[family_of_pathway[p]], P) for p in range(num_pathways)])
+    complex_vec = np.stack([_program(rng, fam_cols[family_of_pathway[pathway_of_complex[k]]], P)
+                            for k in range(num_complexes)])
     strength = rng.uniform(cfg.gene_strength_min, cfg.gene_strength_max, num_genes)
-    effective = complex_of >= 0
-    k = np.where(effective, complex_of, 0)
-    mixed = (cfg.pathway_weight * pathway_vec[pathway_of_complex[k]] + cfg.complex_weight * complex_vec[k]
-             + cfg.gene_weight * own_vec)
-    norm = math.sqrt(cfg.pathway_weight ** 2 + cfg.complex_weight ** 2 + cfg.gene_weight ** 2)
-    latents = np.where(effective[:, None], strength[:, None] * mixed / norm, 0.0)
-    strength = np.where(effective, strength, 0.0)
-    features = feature_names(cfg.num_channels)
-    projection = rng.standard_normal((d, len(features))) / math.sqrt(d)
-    phenotypes = cfg.effect_size * np.tanh(latents @ projection)
+    own = rng.standard_normal((num_genes, P))
+    effects = np.zeros((num_genes, P))
+    subpop = np.full(num_genes, cfg.subpop_fraction_min)
+    for g in np.flatnonzero(complex_of >= 0):
+        k = complex_of[g]
+        p = pathway_of_complex[k]
+        cols = fam_cols[family_of_pathway[p]]
+        mixed = cfg.pathway_weight * pathway_vec[p] + cfg.complex_weight * complex_vec[k]
+        mixed[cols] += cfg.gene_weight * own[g, cols]
+        rms = np.sqrt(np.mean(mixed[cols] ** 2))
+        effects[g] = strength[g] * cfg.effect_size * mixed / max(rms, 1e-9) * np.sqrt(
+            np.count_nonzero(mixed[cols]) / len(cols))
+        if FAMILIES[family_of_pathway[p]] == "subpopulation":
+            subpop[g] = rng.uniform(cfg.subpop_fraction_min, cfg.subpop_fraction_max)
+    strength = np.where(complex_of >= 0, strength, 0.0)
     return Biology(genes=names, complex_of=complex_of.tolist(), pathway_of_complex=pathway_of_complex.tolist(),
-                   strength=strength, latents=latents, phenotypes=phenotypes)
+                   family_of_pathway=family_of_pathway.tolist(), strength=strength, effects=effects,
+                   subpop_fraction=subpop)
 
 
 @dataclasses.dataclass(frozen=True)
 class Acquisition:
-    """Per-experiment batch effects (arrays indexed by experiment; gains per channel)."""
+    """Per-experiment and per-plate batch effects (gains per channel)."""
     gain: np.ndarray         # (E, C)
     offset: np.ndarray       # (E, C) uint8 background
     plate_gain: np.ndarray   # (E, plates, C)
     vignetting: np.ndarray   # (E,) relative darkening at the corners
     gradient: np.ndarray     # (E, 2) planar illumination slope along x and y
     noise: np.ndarray        # (E,) read-noise std in uint8 units
+    plate_noise: np.ndarray  # (E, plates) multiplier of the read noise
+    focus: np.ndarray        # (E, plates) Gaussian blur (px) of an out-of-focus plate
     density: np.ndarray      # (E,) cell density multiplier
     cell_size: np.ndarray    # (E,) cell and nucleus size multiplier
 
@@ -217,18 +299,20 @@ class Acquisition:
 
 
 def make_acquisition(cfg: ScreenConfig, rng: np.random.Generator) -> Acquisition:
-    e, c, b = cfg.num_experiments, cfg.num_channels, cfg.batch_effect_size
+    e, c, b, n_p = cfg.num_experiments, cfg.num_channels, cfg.batch_effect_size, cfg.plates_per_experiment
     angle = rng.uniform(0, 2 * np.pi, e)
     slope = b * rng.uniform(0.0, 0.3, e)
     return Acquisition(
         gain=np.exp(b * rng.normal(0, 0.25, (e, c))),
         offset=b * rng.uniform(3, 25, (e, c)),
-        plate_gain=np.exp(b * rng.normal(0, 0.06, (e, cfg.plates_per_experiment, c))),
+        plate_gain=np.exp(b * rng.normal(0, 0.06, (e, n_p, c))),
         vignetting=b * rng.uniform(0.05, 0.45, e),
         gradient=np.stack([slope * np.cos(angle), slope * np.sin(angle)], axis=1),
         noise=2.0 + b * rng.uniform(0, 5, e),
-        density=np.exp(b * rng.normal(0, 0.25, e)),
-        cell_size=np.exp(b * rng.normal(0, 0.07, e)),
+        plate_noise=np.exp(b * rng.normal(0, 0.2, (e, n_p))),
+        focus=b * rng.uniform(0.0, 0.9, (e, n_p)),
+        density=np.exp(b * rng.normal(0, 0.15, e)),
+        cell_size=np.exp(b * rng.normal(0, 0.05, e)),
     )
 
 
@@ -240,46 +324,68 @@ class Sites:
     well: list[str]
     site: np.ndarray        # 1-based, as in RxRx
     gene: np.ndarray        # gene index, -1 for controls
-    well_gain: np.ndarray   # (n, C) small per-well gain jitter
+    well_index: np.ndarray  # index into `z`
+    z: np.ndarray           # (wells, P) each well's true phenotype parameters, control SD units
+    well_gain: np.ndarray   # (n, C) small per-well technical gain jitter
 
     def __len__(self) -> int:
         return len(self.site)
 
 
-def make_sites(cfg: ScreenConfig, num_genes: int, rng: np.random.Generator) -> Sites:
-    per_plate = num_genes * cfg.wells_per_gene + cfg.control_wells
-    if per_plate > PLATE_ROWS * PLATE_COLS:
-        raise ValueError(f"{per_plate} wells per plate do not fit a {PLATE_ROWS * PLATE_COLS}-well plate")
-    columns = {k: [] for k in ("experiment", "plate", "well", "site", "gene")}
+def gene_sets(num_genes: int, cfg: ScreenConfig) -> int:
+    """How many plates it takes to hold every gene once beside the controls."""
+    return math.ceil(num_genes / (PLATE_ROWS * PLATE_COLS - cfg.control_wells))
+
+
+def make_sites(cfg: ScreenConfig, biology: Biology, rng: np.random.Generator) -> Sites:
+    num_genes = len(biology.genes)
+    sets = gene_sets(num_genes, cfg)
+    if cfg.plates_per_experiment % sets:
+        raise ValueError(f"{num_genes} genes with {cfg.control_wells} control wells take {sets} plates: "
+                         f"plates_per_experiment ({cfg.plates_per_experiment}) must be a multiple of {sets}")
+    members = np.array_split(rng.permutation(num_genes), sets)
+    columns = {k: [] for k in ("experiment", "plate", "well", "site", "gene", "well_index")}
+    well_genes = []
     for e, p in itertools.product(range(cfg.num_experiments), range(cfg.plates_per_experiment)):
+        genes = members[p % sets]
+        per_plate = len(genes) + cfg.control_wells
         positions = np.sort(rng.choice(PLATE_ROWS * PLATE_COLS, size=per_plate, replace=False))
-        contents = rng.permutation(np.concatenate([np.tile(np.arange(num_genes), cfg.wells_per_gene),
-                                                   np.full(cfg.control_wells, -1)]))
+        contents = rng.permutation(np.concatenate([genes, np.full(cfg.control_wells, -1)]))
         for pos, gene in zip(positions, contents):
             well = f"{string.ascii_uppercase[pos // PLATE_COLS]}{pos % PLATE_COLS + 1:02d}"
             for site in range(1, cfg.sites_per_well + 1):
-                for key, value in zip(columns, (e, p, well, site, gene)):
+                for key, value in zip(columns, (e, p, well, site, gene, len(well_genes))):
                     columns[key].append(value)
-    num_wells = len(columns["site"]) // cfg.sites_per_well
-    well_gain = np.repeat(np.exp(cfg.batch_effect_size * rng.normal(0, 0.03, (num_wells, cfg.num_channels))),
-                          cfg.sites_per_well, axis=0)
+            well_genes.append(gene)
+    well_genes = np.array(well_genes)
+    # Each well's state: its gene's effect plus biological well-to-well variation (1 SD per parameter).
+    z = (np.where((well_genes >= 0)[:, None], biology.effects[np.maximum(well_genes, 0)], 0.0)
+         + rng.standard_normal((len(well_genes), biology.effects.shape[1])))
+    well_gain = np.exp(cfg.batch_effect_size * rng.normal(0, 0.03, (len(well_genes), cfg.num_channels)))
+    wi = np.array(columns["well_index"])
     return Sites(experiment=np.array(columns["experiment"]), plate=np.array(columns["plate"]),
                  well=columns["well"], site=np.array(columns["site"]), gene=np.array(columns["gene"]),
-                 well_gain=well_gain)
+                 well_index=wi, z=z, well_gain=well_gain[wi])
 
 
-def site_phenotypes(cfg: ScreenConfig, phenotypes: np.ndarray, acq: Acquisition,
-                    experiment: np.ndarray) -> cell_renderer.SitePhenotypes:
-    """Phenotype features (n, F) of the sites' genes (zeros for controls) -> renderer parameters."""
-    values = {}
-    for j, (field, base, kind, scale) in enumerate(PHENOTYPE_AXES.values()):
-        phi = phenotypes[:, j]
-        values[field] = base * np.exp(scale * phi) if kind == "log" else base + scale * phi
+def site_phenotypes(cfg: ScreenConfig, z: np.ndarray, subpop_fraction: np.ndarray, acq: Acquisition,
+                    experiment: np.ndarray) -> tuple[cell_renderer.SitePhenotypes, np.ndarray]:
+    """Sites' phenotype parameters z (n, P) -> (renderer parameters, per-channel intensity (n, C))."""
+    params = make_params(cfg.num_channels)
+    n = len(z)
+    values = {k: np.full(n, v, float) for k, v in FIXED_FIELDS.items()}
+    intensity = []
+    for j, p in enumerate(params.values()):
+        if p.family == "intensity":
+            intensity.append(p.value(z[:, j]))
+        else:
+            values[p.field] = p.value(z[:, j])
+    values["subpop_fraction"] = subpop_fraction
     size = acq.cell_size[experiment]
-    values["cell_density"] = values["cell_density"] * cfg.cell_density * acq.density[experiment]
+    values["cell_density"] = np.full(n, cfg.cell_density) * acq.density[experiment]
     values["nucleus_radius"] = values["nucleus_radius"] * cfg.nucleus_radius * size
     values["cell_radius"] = values["cell_radius"] * cfg.cell_radius * size
-    return cell_renderer.SitePhenotypes(**values)
+    return cell_renderer.SitePhenotypes(**values), np.stack(intensity, axis=1)
 
 
 def render_chunk(cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites: Sites, chunk: slice,
@@ -290,21 +396,24 @@ def render_chunk(cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites: S
 
     Artefacts draw from their own generator, so turning them on leaves every other crop unchanged.
     """
-    exp, gene = sites.experiment[chunk], sites.gene[chunk]
-    phenotypes = np.where((gene >= 0)[:, None], biology.phenotypes[np.maximum(gene, 0)], 0.0)
-    pheno = site_phenotypes(cfg, phenotypes, acq, exp)
+    exp, gene, plate = sites.experiment[chunk], sites.gene[chunk], sites.plate[chunk]
+    subpop = np.where(gene >= 0, biology.subpop_fraction[np.maximum(gene, 0)], cfg.subpop_fraction_min)
+    pheno, intensity = site_phenotypes(cfg, sites.z[sites.well_index[chunk]], subpop, acq, exp)
     cells = cell_renderer.sample_cells(pheno, cfg.site_size, rng)
     compartments = cell_renderer.render_compartments(cells, len(exp), cfg.site_size)
     stains = cell_renderer.mix_stains(compartments, pheno, cfg.num_channels, rng)
 
     c = cfg.num_channels
     brightness = np.array([STAIN_BRIGHTNESS[name.split("_")[0]] for name in cell_renderer.stain_names(c)])
-    intensity = np.exp(INTENSITY_SCALE * phenotypes[:, len(PHENOTYPE_AXES):])
-    gain = brightness * intensity * acq.gain[exp] * acq.plate_gain[exp, sites.plate[chunk]] * sites.well_gain[chunk]
+    gain = brightness * intensity * acq.gain[exp] * acq.plate_gain[exp, plate] * sites.well_gain[chunk]
     signal = stains * _f32(gain)[:, :, None, None] * illumination(cfg.site_size, acq, exp)[:, None]
+    for i, blur in enumerate(acq.focus[exp, plate]):   # out-of-focus plates
+        if blur > 0.05:
+            signal[i] = ndimage.gaussian_filter(signal[i], (0, blur, blur), mode="reflect")
     qc = spoil_tiles(signal, cfg, artifact_rng)
     # Read noise plus photon shot noise (variance grows with the signal).
-    sigma = np.sqrt(_f32(acq.noise[exp] ** 2)[:, None, None, None] + 0.5 * signal)
+    read = acq.noise[exp] * acq.plate_noise[exp, plate]
+    sigma = np.sqrt(_f32(read ** 2)[:, None, None, None] + 0.5 * signal)
     noisy = signal + _f32(acq.offset[exp])[:, :, None, None] + sigma * rng.standard_normal(signal.shape, np.float32)
     images = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
@@ -400,7 +509,7 @@ def generate_screen(out_dir: str | Path, preset: str = "demo", overwrite: bool =
 
     biology = make_biology(cfg, np.random.default_rng([cfg.seed, 0]))
     acq = make_acquisition(cfg, np.random.default_rng([cfg.seed, 1]))
-    sites = make_sites(cfg, len(biology.genes), np.random.default_rng([cfg.seed, 2]))
+    sites = make_sites(cfg, biology, np.random.default_rng([cfg.seed, 2]))
     channels = cell_renderer.stain_names(cfg.num_channels)
     experiments = [f"SYN-{e + 1:02d}" for e in range(cfg.num_experiments)]
 
@@ -422,36 +531,80 @@ def generate_screen(out_dir: str | Path, preset: str = "demo", overwrite: bool =
                     }
 
     complexes, pathways = biology.complexes(), biology.pathways()
+    complex_pairs = _pairs(complexes.values())
     pathway_genes = {p: sorted(g for k in ks for g in complexes[k]) for p, ks in pathways.items()}
+    # Same pathway, different complex: complex pairs are counted once, in their own table.
+    pathway_pairs = sorted(set(_pairs(pathway_genes.values())) - set(complex_pairs))
+    names = feature_names(cfg.num_channels)
+    params = make_params(cfg.num_channels)
+    note_rng = np.random.default_rng([cfg.seed, 5])
+    families = {g: biology.family_of_gene(i) for i, g in enumerate(biology.genes)}
     ground_truth = {
+        "version": VERSION,
         "complexes": complexes,
         "pathways": pathways,
+        "pathway_family": {_pathway_name(p): FAMILIES[f] for p, f in enumerate(biology.family_of_pathway)},
+        "families": list(FAMILIES),
         "null_genes": sorted(g for g, k in zip(biology.genes, biology.complex_of) if k < 0),
         "control_label": CONTROL_LABEL,
         "qc_labels": list(cell_renderer.QC_LABELS),
-        "phenotype_features": feature_names(cfg.num_channels),
+        "phenotype_features": names,
+        "phenotype_params": {k: {"family": p.family, "base": p.base, "control_sd": p.sd, "kind": p.kind}
+                             for k, p in params.items()},
+        "true_pairs": {"SyntheticComplex": [list(p) for p in complex_pairs],
+                       "SyntheticPathway": [list(p) for p in pathway_pairs]},
+        "annotation_noise": {"missing": cfg.annotation_missing, "false": cfg.annotation_false},
         "genes": {g: {"complex": _complex_name(k) if k >= 0 else None,
                       "pathway": _pathway_name(biology.pathway_of_complex[k]) if k >= 0 else None,
+                      "family": families[g],
                       "strength": round(float(biology.strength[i]), 6),
-                      "latent": np.round(biology.latents[i], 6).tolist(),
-                      "phenotype": np.round(biology.phenotypes[i], 6).tolist()}
+                      "subpop_fraction": round(float(biology.subpop_fraction[i]), 6),
+                      "effect": np.round(biology.effects[i], 6).tolist()}
                   for i, (g, k) in enumerate(zip(biology.genes, biology.complex_of))},
         "experiments": dict(zip(experiments, _per_experiment(acq.to_json(), len(experiments)))),
     }
+    # Each well's true phenotype parameters (no batch effect, no imaging noise): the oracle's features.
+    first = np.unique(sites.well_index, return_index=True)[1]
+    oracle = pd.DataFrame({
+        "experiment": [experiments[e] for e in sites.experiment[first]],
+        "plate": [f"Plate{p + 1}" for p in sites.plate[first]],
+        "well": [sites.well[i] for i in first],
+        "perturbation": [CONTROL_LABEL if g < 0 else biology.genes[g] for g in sites.gene[first]],
+    })
+    oracle = pd.concat([oracle, pd.DataFrame(sites.z.astype(np.float32), columns=[f"z_{n}" for n in names])], axis=1)
+    buffer = io.BytesIO()
+    oracle.to_parquet(buffer, index=False)
     return write_dataset(
         out_dir, examples(),
         name=cfg.name, source="data.synthetic_screen", channels=channels, num_shards=cfg.num_shards,
-        annotations={"SyntheticComplex": _pairs(complexes.values()),
-                     "SyntheticPathway": _pairs(pathway_genes.values())},
-        params={"preset": preset, **dataclasses.asdict(cfg)},
+        annotations={"SyntheticComplex": noisy_pairs(complex_pairs, biology.genes, cfg, note_rng),
+                     "SyntheticPathway": noisy_pairs(pathway_pairs, biology.genes, cfg, note_rng)},
+        params={"preset": preset, "version": VERSION, **dataclasses.asdict(cfg)},
         manifest_extra={
             "tiling": {"site_size": cfg.site_size, "crop_size": cfg.crop_size,
                        "tiles_per_side": cfg.site_size // cfg.crop_size, "order": "row-major"},
             "control_label": CONTROL_LABEL,
             "ground_truth": "ground_truth.json",
+            "oracle": "oracle.parquet",
         },
-        extra_files={"ground_truth.json": json.dumps(ground_truth, indent=1) + "\n"},
+        extra_files={"ground_truth.json": json.dumps(ground_truth, indent=1) + "\n",
+                     "oracle.parquet": buffer.getvalue()},
         overwrite=overwrite)
+
+
+def noisy_pairs(true_pairs: list[tuple[str, str]], genes: list[str], cfg: ScreenConfig,
+                rng: np.random.Generator) -> list[tuple[str, str]]:
+    """The table as a database would list it: `annotation_missing` of the true pairs dropped, then false
+    pairs (random gene pairs that are not true pairs) added until they are `annotation_false` of the list."""
+    true_set = set(true_pairs)
+    kept = [p for p in true_pairs if rng.random() >= cfg.annotation_missing]
+    n_false = round(len(kept) * cfg.annotation_false / (1 - cfg.annotation_false))
+    false: set[tuple[str, str]] = set()
+    while len(false) < n_false:
+        a, b = sorted(rng.choice(genes, 2, replace=False).tolist())
+        if (a, b) not in true_set:
+            false.add((a, b))
+    return sorted(set(kept) | false)
 
 
 def _pairs(groups) -> list[tuple[str, str]]:
