@@ -48,6 +48,9 @@ def embed_arrays(checkpoint: str, images: np.ndarray, *, batch_size: int | None 
     mesh = shd.make_mesh({"data": -1})
     model, config, _ = load_model(checkpoint, mesh=mesh)
     rules = shd.rules_from_config(config.sharding_rules)
+    if config.data.get("normalize", "crop") != "crop":
+        raise ValueError(f"{checkpoint}: the model was trained with data.normalize={config.data.normalize!r}, which "
+                         "needs each crop's plate; embed a dataset directory with `python -m eval.job` instead")
     available = embed_keys(model, images.shape[1:])
     keys = tuple(k for k in OUTPUTS.values() if k in available)
     embedder = Embedder(model, mesh, min(len(images), batch_size or int(config.eval.batch_size)), rules, keys)

@@ -33,6 +33,7 @@ def base() -> ml_collections.ConfigDict:
     c.data.dir = ""              # dataset directory (maejax.records.LAYOUT)
     c.data.batch_size = 64       # global batch size (all processes)
     c.data.crop_size = 64        # model input size; records may be larger (random crop)
+    c.data.normalize = "crop"    # crop (self-standardisation, the papers') | plate (maejax.preprocess)
     c.data.flip = True
     c.data.rot90 = True
     c.data.workers = 0           # grain worker processes per host (0 = in-process)
@@ -59,6 +60,7 @@ def base() -> ml_collections.ConfigDict:
     c.model.norm_eps = 1e-6
     c.model.cls_token = True
     c.model.final_norm = "tokens"
+    c.model.pool = "mean"        # per-block features: mean | mean_std (mean and std of patch tokens) | cls
     c.model.dtype = "float32"    # compute dtype ("bfloat16" at scale); parameters stay float32
     c.model.param_dtype = "float32"
     c.model.attention = ml_collections.FieldReference(None, field_type=str)  # None (XLA) | "cudnn"

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from maejax import records
-from maejax.preprocess import self_standardize
+from maejax import preprocess
 from maejax.records import LAYOUT
 
 _MANIFEST_KEYS = ("channels", "crop_shape", "num_records", "shards", "perturbations", "controls")
@@ -153,9 +153,11 @@ class _TrainExample(grain.transforms.RandomMap):
     """record_id -> augmented, self-standardised training example."""
 
     def __init__(self, reader: RecordReader, labels: np.ndarray, is_control: np.ndarray, *,
-                 crop_size: int, flip: bool, rot90: bool):
+                 crop_size: int, flip: bool, rot90: bool, normalize: str = "crop",
+                 moments: np.ndarray | None = None):
         self.reader, self.labels, self.is_control = reader, labels, is_control
         self.crop_size, self.flip, self.rot90 = crop_size, flip, rot90
+        self.normalize, self.moments = normalize, moments   # moments: (N, 2, C) per record, mode "plate"
 
     def random_map(self, record_id, rng: np.random.Generator) -> dict[str, np.ndarray]:
         record_id = int(record_id)
@@ -173,7 +175,8 @@ class _TrainExample(grain.transforms.RandomMap):
         if self.rot90:
             image = np.rot90(image, quarter_turns, axes=(1, 2))
         return {
-            "image": self_standardize(image),
+            "image": preprocess.normalize(
+                image, self.normalize, None if self.moments is None else self.moments[record_id]),
             "label": self.labels[record_id],
             "is_control": self.is_control[record_id],
             "record_id": np.int64(record_id),
@@ -194,13 +197,15 @@ def make_train_iterator(
     num_epochs: int | None = None,
     num_channels: int | None = None,
     read_threads: int = 8,
+    normalize: str = "crop",
 ) -> grain.DatasetIterator:
     """Returns an iterator over this process's training batches.
 
     batch_size: the GLOBAL batch size; each of the `process_count` processes yields
       batch_size // process_count examples per batch (feed them to
       `jax.make_array_from_process_local_data`).
-    Each batch is a dict: `image` float32 (B, C, crop_size, crop_size) self-standardised, `label` int32
+    Each batch is a dict: `image` float32 (B, C, crop_size, crop_size) normalised as `normalize` says
+    (maejax.preprocess: crop = self-standardised, plate = by its plate's statistics), `label` int32
     (index into the manifest's `perturbations`), `is_control` bool, `record_id` int64.
     Augmentation: a random square crop of `crop_size` (a no-op when it equals the record size), then
     random vertical and horizontal flips (`flip`) and a random number of quarter turns (`rot90`).
@@ -227,11 +232,14 @@ def make_train_iterator(
     if per_process < local_batch:
         raise ValueError(f"{ds.path}: {per_process} records per process, fewer than one batch of {local_batch}")
 
+    preprocess.check_normalization(normalize)
+    moments = (preprocess.plate_moments(ds.metadata, preprocess.plate_statistics(ds)) if normalize == "plate"
+               else None)
     example = _TrainExample(
         ds.reader,
         labels=ds.metadata["label"].to_numpy(np.int32),
         is_control=ds.metadata["is_control"].to_numpy(bool),
-        crop_size=crop_size, flip=flip, rot90=rot90)
+        crop_size=crop_size, flip=flip, rot90=rot90, normalize=normalize, moments=moments)
     record_ids = grain.MapDataset.range(len(ds))[process_index::process_count][:per_process]
     examples = record_ids.seed(seed).shuffle().repeat(num_epochs).random_map(example)
     batches = examples.to_iter_dataset(

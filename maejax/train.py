@@ -66,6 +66,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         return input_pipeline.make_train_iterator(
             dataset, batch_size=batch, crop_size=config.data.crop_size, seed=config.seed,
             num_workers=config.data.workers, flip=config.data.flip, rot90=config.data.rot90,
+            normalize=config.data.normalize,
             process_index=index, process_count=count, num_channels=config.model.in_channels)
 
     data_iter = StreamedBatches(make_stream, int(config.data.streams) or jax.process_count(), batch,

@@ -60,6 +60,7 @@ class ViTConfig:
     scan_layers: bool = True
     remat: str = "none"
     drop_path_schedule: str = "linear"
+    pool: str = "mean"           # per-block features (`embed()["blocks"]`): mean | mean_std | cls
 
     @property
     def width(self) -> int:
@@ -86,7 +87,19 @@ def vit_config(m: Any, in_channels: int) -> ViTConfig:
     return ViTConfig(block=block, depth=dims["depth"], patch=dims["patch"], in_channels=in_channels,
                      cls_token=get("cls_token", True), final_norm=get("final_norm", "tokens"),
                      scan_layers=get("scan_layers", True), remat=get("remat", "none"),
-                     drop_path_schedule=get("drop_path_schedule", "linear"))
+                     drop_path_schedule=get("drop_path_schedule", "linear"), pool=_pool(get("pool", "mean"),
+                                                                                        get("cls_token", True)))
+
+
+POOLS = ("mean", "mean_std", "cls")
+
+
+def _pool(pool: str, cls_token: bool) -> str:
+    if pool not in POOLS:
+        raise ValueError(f"model.pool={pool!r}: choose one of {POOLS}")
+    if pool == "cls" and not cls_token:
+        raise ValueError("model.pool='cls' needs model.cls_token=True")
+    return pool
 
 
 DROP_PATH_SCHEDULES = ("linear", "uniform")
@@ -241,8 +254,9 @@ class ViT(nnx.Module):
               key: jax.Array | None = None) -> dict[str, jax.Array]:
         """Features of unmasked images from one forward pass.
 
-        blocks:  (B, depth, D) mean of patch tokens (cls excluded, no norm) after each block
-        predict: (B, D) the last of those (OpenPhenom `predict`)
+        blocks:  (B, depth, D) after each block, pooled as `cfg.pool` says: mean of the patch tokens (cls
+                 excluded, no norm), mean and std of them (B, depth, 2D), or the cls token
+        predict: (B, D) mean of the last block's patch tokens (OpenPhenom `predict`)
         pooled:  (B, D) the normalised pooled feature (final LN on tokens then mean, or LN after the mean)
         cls:     (B, D) the class token after the last block (when the model has one)
         tokens:  (B, depth, n0 + N, D) every block's full output, cls first (only with `full=True`)
@@ -266,11 +280,21 @@ class ViT(nnx.Module):
             w = token_weights.astype(jnp.float32)[..., None]
             return (x * w).sum(1) / jnp.maximum(w.sum(1), 1.0)
 
+        def block_feature(x):
+            """`cfg.pool` of one block's output: (B, D), or (B, 2D) for mean_std (mean first)."""
+            if self.cfg.pool == "cls":
+                return x[:, 0].astype(jnp.float32)
+            if self.cfg.pool == "mean_std":
+                m = mean(x)
+                return jnp.concatenate([m, jnp.sqrt(jnp.maximum(mean(x * x) - m * m, 0.0) + 1e-6)], axis=-1)
+            return mean(x)
+
         # The full token tensors are stacked only when asked for: the default path stores (B, D) per block.
-        pool = (lambda x: (mean(x), x.astype(jnp.float32))) if full else mean
+        pool = (lambda x: (block_feature(x), x.astype(jnp.float32))) if full else block_feature
         x, per_block = self.encode(tokens, key=key, valid=valid, pool=pool)
         pooled_blocks = per_block[0] if full else per_block
-        out = {"blocks": jnp.swapaxes(pooled_blocks, 0, 1), "predict": pooled_blocks[-1]}
+        out = {"blocks": jnp.swapaxes(pooled_blocks, 0, 1),
+               "predict": pooled_blocks[-1] if self.cfg.pool == "mean" else mean(x)}
         if full:
             out["tokens"] = jnp.swapaxes(per_block[1], 0, 1)
         if self.cfg.final_norm == "tokens":
