@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from maejax.models import losses
 from maejax.models.vit import patchify
@@ -48,13 +49,16 @@ def reconstruction_losses(model, images: np.ndarray, key: jax.Array, sigmas: Seq
     """Masked-patch MSE of `model` (an MAE) and of the best interpolation, on normalised images (N, C, H, W).
 
     Returns {"mae": x, "interpolation": y, "interpolation_sigma": s, "interpolation_by_sigma": {...},
-    "num_crops": N, "mask_ratio": r}."""
+    "zero": z, "num_crops": N, "mask_ratio": r}; `zero` is the error of predicting 0 (the per-patch mean of
+    normalised-pixel targets, the crop or plate mean otherwise): a floor any learner must beat too."""
     p = model.enc_cfg.patch
-    mae_sum, interp_sum, count = 0.0, np.zeros(len(sigmas)), 0.0
+    mae_sum, zero_sum, interp_sum, count = 0.0, 0.0, np.zeros(len(sigmas)), 0.0
+
+    graphdef, state = nnx.split(model)
 
     @jax.jit
-    def score(x, k):
-        pred, target, mask = model(x, k)
+    def score(state, x, k):
+        pred, target, mask = nnx.merge(graphdef, state)(x, k)
         mae = losses.masked_mse(pred, target, mask) * mask.sum()
         grid = (x.shape[2] // p, x.shape[3] // p)
         pixel_mask = jnp.repeat(jnp.repeat(mask.reshape(x.shape[0], 1, *grid), p, axis=2), p, axis=3)
@@ -65,12 +69,14 @@ def reconstruction_losses(model, images: np.ndarray, key: jax.Array, sigmas: Seq
             if model.norm_pix_loss:
                 guess = losses.normalize_patches(guess)
             out.append(losses.masked_mse(guess, target, mask) * mask.sum())
-        return mae, jnp.stack(out), mask.sum()
+        zero = losses.masked_mse(jnp.zeros_like(target), target, mask) * mask.sum()
+        return mae, jnp.stack(out), zero, mask.sum()
 
     for i, start in enumerate(range(0, len(images), batch_size)):
         x = jnp.asarray(images[start:start + batch_size], jnp.float32)
-        mae, interp, n = score(x, jax.random.fold_in(key, i))
+        mae, interp, zero, n = score(state, x, jax.random.fold_in(key, i))
         mae_sum += float(mae)
+        zero_sum += float(zero)
         interp_sum += np.asarray(interp, np.float64)
         count += float(n)
     by_sigma = interp_sum / count
@@ -78,4 +84,5 @@ def reconstruction_losses(model, images: np.ndarray, key: jax.Array, sigmas: Seq
     return {"mae": mae_sum / count, "interpolation": float(by_sigma[best]),
             "interpolation_sigma": float(sigmas[best]),
             "interpolation_by_sigma": {str(s): float(v) for s, v in zip(sigmas, by_sigma)},
+            "zero": zero_sum / count,
             "num_crops": int(len(images)), "mask_ratio": float(model.mask_ratio)}

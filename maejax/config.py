@@ -114,6 +114,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval.split_fractions = [0.8, 0.1, 0.1]    # train/val/test shares of each class's held-out units
     c.eval.groups = "ground_truth:complex"      # functional groups: CSV gene,group | ground_truth:complex|pathway
     c.eval.negative_controls = "ground_truth"   # consistency null: ground_truth (null genes) | random | FILE
+    c.eval.n_boot = 1000                 # bootstrap resamples for the 95% intervals (genes, held-out wells); 0 = none
     return c
 
 
