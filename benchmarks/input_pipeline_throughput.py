@@ -1,7 +1,7 @@
 """Steady-state throughput of the training input pipeline, in-process versus worker processes.
 
-    python -m data.synthetic_screen --out /tmp/bench10k --preset bench10k
-    python -m benchmarks.input_pipeline_throughput --dataset /tmp/bench10k --workers 0,1
+    python -m data.synthetic_screen --out /tmp/screen --preset demo --workers 2
+    python -m benchmarks.input_pipeline_throughput --dataset /tmp/screen --workers 0,1
 
 Prints, per worker count, the time to the first batch and the steady-state batches/s and crops/s
 (after `--warmup` batches), with the ratio to the first listed worker count (the baseline).
