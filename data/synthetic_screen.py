@@ -163,9 +163,11 @@ class ScreenConfig:
                              "num_channels must be >= 1")
         if self.control_wells >= PLATE_ROWS * PLATE_COLS:
             raise ValueError(f"control_wells {self.control_wells} leaves no room on a 384-well plate")
-        for name in ("artifact_fraction", "annotation_missing", "annotation_false"):
-            if not 0.0 <= getattr(self, name) < 1.0 + (name == "artifact_fraction"):
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.artifact_fraction <= 1.0:
+            raise ValueError(f"artifact_fraction must be in [0, 1], got {self.artifact_fraction}")
+        for name in ("annotation_missing", "annotation_false"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 < self.subpop_fraction_min <= self.subpop_fraction_max <= 1:
             raise ValueError("need 0 < subpop_fraction_min <= subpop_fraction_max <= 1")
 

@@ -20,10 +20,12 @@ def _crops(path):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """The same tiny screen without and with artefacts on half of the crops."""
+    """The same tiny screen without and with artefacts on half of the crops (no batch effects: an
+    out-of-focus plate would already be blurred)."""
     root = tmp_path_factory.mktemp("qc")
-    clean = _crops(generate_screen(root / "clean", preset="tiny", seed=5))
-    spoiled = _crops(generate_screen(root / "spoiled", preset="tiny", seed=5, artifact_fraction=FRACTION))
+    clean = _crops(generate_screen(root / "clean", preset="tiny", seed=5, batch_effect_size=0.0))
+    spoiled = _crops(generate_screen(root / "spoiled", preset="tiny", seed=5, artifact_fraction=FRACTION,
+                                     batch_effect_size=0.0))
     return clean, spoiled
 
 
