@@ -4,7 +4,9 @@ Input: a (num_blocks, N, D) stack of pooled features, integer labels (N,) and bo
 train/val/test masks (N,). Features are standardised with train statistics per block; for each
 block and each L2 strength a probe is fitted on train; the L2 strength is picked per block on val,
 the best block is the one with the best val score, and every block reports its test score at its
-chosen L2 so the report shows where the signal lives in the network.
+chosen L2 so the report shows where the signal lives in the network. The test predictions at the
+chosen L2 come back too (`ProbeReport.test_predictions`, rows `test_index`), e.g. for bootstrap
+intervals (eval/bootstrap.py).
 
 Two probes:
 - `ridge_probes`: closed-form one-vs-rest least squares (as big_vision's fewshot_lsr): one
@@ -43,6 +45,8 @@ class ProbeReport:
     val: np.ndarray          # (blocks,) val balanced accuracy at best_l2
     test: np.ndarray         # (blocks,) test balanced accuracy at best_l2
     best_block: int          # argmax of val (first on ties)
+    test_predictions: np.ndarray | None = None   # (blocks, n_test) int32 predicted class at best_l2
+    test_index: np.ndarray | None = None         # (n_test,) rows of the test set, in prediction order
 
     def to_dict(self) -> dict:
         return {"best_block": self.best_block, "best_block_val": float(self.val[self.best_block]),
@@ -112,7 +116,8 @@ def _ridge_system(x, labels, train_idx, num_classes: int):
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
 def _ridge_scores(z, labels, prior, evals, q, train_idx, val_idx, test_idx, l2_grid, num_classes: int):
-    """Val accuracy for every L2 and test accuracy at the best one, given the eigenpairs."""
+    """Val accuracy for every L2, and the test accuracy and predictions at the best one, given the
+    eigenpairs."""
     zt, yt = z[train_idx], labels[train_idx]
     n, d = zt.shape
     lam = l2_grid * n
@@ -133,7 +138,7 @@ def _ridge_scores(z, labels, prior, evals, q, train_idx, val_idx, test_idx, l2_g
     yv = labels[val_idx]
     val_scores = jax.lax.map(lambda l2: balanced_accuracy(yv, predict(pv, l2), num_classes), lam)
     test_pred = predict(project(z[test_idx]), lam[_strongest_best(val_scores, l2_grid)])
-    return val_scores, balanced_accuracy(labels[test_idx], test_pred, num_classes)
+    return val_scores, balanced_accuracy(labels[test_idx], test_pred, num_classes), test_pred
 
 
 _eigh = jax.jit(jnp.linalg.eigh)
@@ -150,23 +155,24 @@ def ridge_probes(features, labels, train, val, test, l2_grid: Sequence[float] = 
     num_classes = int(num_classes or labels.max() + 1)
     grid = jnp.asarray(l2_grid, jnp.float32)
     y, tr, va, te = (jnp.asarray(a) for a in (labels, tr, va, te))
-    vals, tests = [], []
+    vals, tests, preds = [], [], []
     for block in features:
         z, prior, system = _ridge_system(jnp.asarray(block), y, tr, num_classes=num_classes)
         # LAPACK's eigh on one thread (see single_threaded_lapack); jax dispatches asynchronously,
         # so wait for the result while the limit is still in place.
         with single_threaded_lapack():
             evals, q = jax.block_until_ready(_eigh(system))
-        v, t = _ridge_scores(z, y, prior, evals, q, tr, va, te, grid, num_classes=num_classes)
+        v, t, p = _ridge_scores(z, y, prior, evals, q, tr, va, te, grid, num_classes=num_classes)
         vals.append(np.asarray(v))
         tests.append(float(t))
-    return _report(np.asarray(l2_grid), np.stack(vals), np.asarray(tests))
+        preds.append(np.asarray(p, np.int32))
+    return _report(np.asarray(l2_grid), np.stack(vals), np.asarray(tests), np.stack(preds), np.asarray(te))
 
 
-def _report(grid, val_by_l2, test) -> ProbeReport:
+def _report(grid, val_by_l2, test, test_predictions=None, test_index=None) -> ProbeReport:
     best, best_l2 = _pick(val_by_l2, grid)
     val = val_by_l2[np.arange(len(best)), best]
-    return ProbeReport(grid, val_by_l2, best_l2, val, test, int(np.argmax(val)))
+    return ProbeReport(grid, val_by_l2, best_l2, val, test, int(np.argmax(val)), test_predictions, test_index)
 
 
 # --- multinomial logistic regression ------------------------------------------------------------
@@ -174,8 +180,8 @@ def _report(grid, val_by_l2, test) -> ProbeReport:
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps", "batch_size"))
 def _logistic_blocks(x, labels, train_idx, val_idx, test_idx, l2_grid, learning_rate, key,
                      num_classes: int, steps: int, batch_size: int):
-    """Trains (blocks x L2) probes together; returns val accuracy (blocks, L) and test accuracy
-    (blocks, L)."""
+    """Trains (blocks x L2) probes together; returns val accuracy (blocks, L), test accuracy
+    (blocks, L) and test predictions (blocks, L, n_test)."""
     z = jax.vmap(_standardize, in_axes=(0, None))(x.astype(jnp.float32), train_idx)   # (B, N, D)
     num_blocks, _, d = z.shape
     tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
@@ -205,9 +211,9 @@ def _logistic_blocks(x, labels, train_idx, val_idx, test_idx, l2_grid, learning_
         logits = jnp.einsum("bnd,bldc->blnc", z[:, idx], params["w"]) + params["b"][:, :, None]
         pred = jnp.argmax(logits, axis=-1)                                           # (B, L, n)
         score = lambda p: balanced_accuracy(labels[idx], p, num_classes)
-        return jax.vmap(jax.vmap(score))(pred)
+        return jax.vmap(jax.vmap(score))(pred), pred
 
-    return accuracy(val_idx), accuracy(test_idx)
+    return accuracy(val_idx)[0], *accuracy(test_idx)
 
 
 def logistic_probes(features, labels, train, val, test, l2_grid: Sequence[float] = LOGISTIC_L2,
@@ -224,17 +230,20 @@ def logistic_probes(features, labels, train, val, test, l2_grid: Sequence[float]
     grid = jnp.asarray(l2_grid, jnp.float32)
     chunk = blocks_per_step or len(features)
     batch = int(min(batch_size or len(tr), len(tr)))
-    vals, tests = [], []
+    vals, tests, preds = [], [], []
     for start in range(0, len(features), chunk):
-        v, t = _logistic_blocks(jnp.asarray(features[start:start + chunk]), jnp.asarray(labels),
-                                jnp.asarray(tr), jnp.asarray(va), jnp.asarray(te), grid,
-                                learning_rate, jax.random.key(seed), num_classes=num_classes,
-                                steps=steps, batch_size=batch)
+        v, t, p = _logistic_blocks(jnp.asarray(features[start:start + chunk]), jnp.asarray(labels),
+                                   jnp.asarray(tr), jnp.asarray(va), jnp.asarray(te), grid,
+                                   learning_rate, jax.random.key(seed), num_classes=num_classes,
+                                   steps=steps, batch_size=batch)
         vals.append(np.asarray(v))
         tests.append(np.asarray(t))
+        preds.append(np.asarray(p, np.int32))
     val_by_l2, test_by_l2 = np.concatenate(vals), np.concatenate(tests)
     best, _ = _pick(val_by_l2, l2_grid)
-    return _report(np.asarray(l2_grid), val_by_l2, test_by_l2[np.arange(len(best)), best])
+    rows = np.arange(len(best))
+    return _report(np.asarray(l2_grid), val_by_l2, test_by_l2[rows, best],
+                   np.concatenate(preds)[rows, best], np.asarray(te))
 
 
 # --- splits -------------------------------------------------------------------------------------

@@ -8,6 +8,12 @@ and the probe tasks chosen by name (eval/tasks.py: perturbation identity, functi
 experiment identity), all blocks probed together. The block reported as "best" is chosen on the
 validation score of one task (`select_by`, default perturbation identity), never on test scores or
 on recall.
+
+Every recall and probe test figure carries a 95% percentile bootstrap interval (eval/bootstrap.py):
+recall resamples the map's perturbations (genes), probes resample the held-out wells. Given
+`families` (gene -> family, e.g. complexes or pathways), every block also reports recall over the
+known pairs with both genes in each family (the null stays all pairs) and the perturbation-level
+probes over each family's test rows, with their intervals.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from eval import map_benchmark, plots, tasks as tasks_lib
+from eval import bootstrap, map_benchmark, plots, recall as recall_lib, tasks as tasks_lib
 from eval.tasks import WELL_KEYS
 
 
@@ -37,14 +43,52 @@ def well_profiles(features: np.ndarray, meta: pd.DataFrame) -> tuple[np.ndarray,
 def map_block(wells: np.ndarray, well_meta: pd.DataFrame, annotations: str, *, control: str,
               pca_components: int, correction: str, thresholds: Sequence,
               negative_controls: Sequence[str] | None, seed: int):
-    """EFAAR map of one block's (W, D) well features -> ({"recall", "consistency"}, similarities)."""
+    """EFAAR map of one block's (W, D) well features -> ({"recall", "consistency"}, similarities, and
+    the PerturbationMap itself)."""
     n_comp = min(pca_components, wells.shape[1], wells.shape[0] - 1)
-    report, _, sims = map_benchmark.evaluate_map(
+    report, pmap, sims = map_benchmark.evaluate_map(
         wells, well_meta["perturbation"].to_numpy(), control, well_meta["experiment"].to_numpy(), annotations,
         pca_components=n_comp, correction=correction, thresholds=thresholds,
         negative_controls=negative_controls, seed=seed)
     report["consistency"]["replicate_consistency"]["replicates"] = "experiment"
-    return report, sims
+    return report, sims, pmap
+
+
+def recall_intervals(pmap, sources: Sequence[str], annotations: str, thresholds: Sequence, *,
+                     families: dict[str, str] | None = None, n_boot: int = bootstrap.N_BOOT,
+                     seed: int = 0) -> dict[str, Any]:
+    """Gene-bootstrap intervals of one map's recall, on one set of resamples for every source, the
+    mean over sources and every family:
+      {"recall_ci": [{"source", "query_distribution_size", "recall_{lo}_{hi}": {"value", "ci95"}}, ...],
+       "recall_mean_ci": {"recall_{lo}_{hi}": {"value", "ci95"}},
+       "by_family": {family: {source: {"query_distribution_size", "recall_{lo}_{hi}": {...}}}}}
+    Values equal recall.recall_table's; a family's recall scores the known pairs with both genes in
+    the family against the whole null (sources without such a pair are left out)."""
+    labels = np.asarray(pmap.labels).astype(str)
+    positions = bootstrap.known_pair_positions(labels, annotations, list(sources))
+    boot = bootstrap.PairBootstrap(recall_lib.upper_triangle_cosines(pmap.features), n_boot=n_boot, seed=seed)
+    queries: dict[Any, np.ndarray] = {(src, None): pos for src, pos in positions.items()}
+    family_of = pd.Series(labels).map(families or {}).to_numpy(object)
+    names = sorted({str(f) for f in family_of if isinstance(f, str)})
+    for name in names:
+        member = family_of == name
+        for src, pos in positions.items():
+            queries[(src, name)] = boot.restrict(pos, member)
+    samples = boot.samples(queries, thresholds)
+    record = lambda value, boot_samples: bootstrap.ci_record(value, *bootstrap.interval(boot_samples))
+    out: dict[str, Any] = {"recall_ci": [], "recall_mean_ci": {}, "by_family": {n: {} for n in names}}
+    for (src, family), by_key in samples.items():
+        rec = {"query_distribution_size": int(len(queries[(src, family)])),
+               **{k: record(v, b) for k, (v, b) in by_key.items()}}
+        if family is None:
+            out["recall_ci"].append({"source": src, **rec})
+        else:
+            out["by_family"][family][src] = rec
+    overall = [samples[(src, None)] for src in positions]
+    for key in (overall[0] if overall else {}):
+        value = float(np.mean([o[key][0] for o in overall]))             # as _mean_recall
+        out["recall_mean_ci"][key] = record(value, np.mean([o[key][1] for o in overall], axis=0))
+    return out
 
 
 def evaluate_blocks(features: np.ndarray, meta: pd.DataFrame, annotations: str, *, control: str,
@@ -52,28 +96,51 @@ def evaluate_blocks(features: np.ndarray, meta: pd.DataFrame, annotations: str, 
                     thresholds: Sequence = ((0.05, 0.95),), tasks: Sequence[str] = ("perturbation",),
                     select_by: str = "perturbation", groups: str = "", dataset_dir: str | None = None,
                     probe_model: str = "ridge", split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
-                    negative_controls: Sequence[str] | None = None, seed: int = 0) -> dict[str, Any]:
+                    negative_controls: Sequence[str] | None = None, seed: int = 0,
+                    families: dict[str, str] | None = None, n_boot: int = bootstrap.N_BOOT) -> dict[str, Any]:
     """The per-block report: recall per source and threshold, consistency, every probe task's
     accuracy, and the chosen block (by `select_by`'s validation score; the last block when that task
-    is not run). `groups` is the functional-group source (eval/tasks.py:functional_groups)."""
+    is not run). `groups` is the functional-group source (eval/tasks.py:functional_groups).
+
+    With n_boot > 0 (bootstrap resamples; seed `seed`) every block row also has
+      recall_ci        [{"source", "query_distribution_size", "recall_{lo}_{hi}": {"value", "ci95": [lo, hi]}}]
+                       (one per `recall` record, same order and values),
+      recall_mean_ci   {"recall_{lo}_{hi}": {"value", "ci95"}} (value = recall_mean's),
+      probes[task]["test_ci95"] = [lo, hi] and probe_test_ci95 (the selection task's),
+    and with `families` (gene -> family name)
+      by_family        {family: {"recall": {source: {"query_distribution_size", "recall_{lo}_{hi}":
+                                                      {"value", "ci95"}}},
+                                 "probe": {task: {"value", "ci95", "num_test"}}}}
+    (recall over the known pairs with both genes in the family; probes over the family's test rows,
+    for the tasks over perturbations). The tasks' records carry the same per block (tasks.run_task)."""
     if features.ndim == 2:
         features = features[:, None]
     probes = tasks_lib.run_tasks(tasks, features, meta, groups_source=groups, dataset_dir=dataset_dir,
-                                 default_probe=probe_model, fractions=split_fractions, seed=seed)
+                                 default_probe=probe_model, fractions=split_fractions, seed=seed,
+                                 families=families, n_boot=n_boot)
     selector = probes.get(select_by, {})
     best = selector["best_block"] - 1 if "best_block" in selector else features.shape[1] - 1
     wells, well_meta = well_profiles(features, meta)
     blocks, best_sims = [], None
     for k in range(features.shape[1]):
-        mapped, sims = map_block(wells[:, k], well_meta, annotations, control=control,
-                                 pca_components=pca_components, correction=correction, thresholds=thresholds,
-                                 negative_controls=negative_controls, seed=seed)
+        mapped, sims, pmap = map_block(wells[:, k], well_meta, annotations, control=control,
+                                       pca_components=pca_components, correction=correction,
+                                       thresholds=thresholds, negative_controls=negative_controls, seed=seed)
         row: dict[str, Any] = {"block": k + 1, "recall": mapped["recall"],
                                "recall_mean": _mean_recall(mapped["recall"]), "consistency": mapped["consistency"],
-                               "probes": {name: {"val": t["val"][k], "test": t["test"][k]}
+                               "probes": {name: {"val": t["val"][k], "test": t["test"][k],
+                                                 **({"test_ci95": t["test_ci95"][k]} if "test_ci95" in t else {})}
                                           for name, t in probes.items() if "test" in t}}
         if "test" in selector:
             row["probe_val"], row["probe_test"] = selector["val"][k], selector["test"][k]
+            if "test_ci95" in selector:
+                row["probe_test_ci95"] = selector["test_ci95"][k]
+        if n_boot > 0:
+            cis = recall_intervals(pmap, list(sims.queries), annotations, thresholds, families=families,
+                                   n_boot=n_boot, seed=seed)
+            row["recall_ci"], row["recall_mean_ci"] = cis["recall_ci"], cis["recall_mean_ci"]
+            if families is not None:
+                row["by_family"] = _family_rows(cis["by_family"], probes, k)
         blocks.append(row)
         if k == best:
             best_sims = sims
@@ -83,6 +150,18 @@ def evaluate_blocks(features: np.ndarray, meta: pd.DataFrame, annotations: str, 
             "pca_components": pca_components, "tasks": probes, "blocks": blocks, "best_block": best + 1,
             "selected_by": how, "best": blocks[best], "last": blocks[-1],
             "_well_features": wells[:, best], "_well_meta": well_meta, "_similarities": best_sims}
+
+
+def _family_rows(recall_by_family: dict[str, dict], probes: dict[str, dict], k: int) -> dict[str, dict]:
+    """{family: {"recall": {source: ...}, "probe": {task: {"value", "ci95", "num_test"}}}} for block k."""
+    names = set(recall_by_family) | {f for t in probes.values() for f in t.get("by_family", {})}
+    out = {}
+    for name in sorted(names):
+        probe_rows = {task: {"value": t["by_family"][name]["value"][k], "ci95": t["by_family"][name]["ci95"][k],
+                             "num_test": t["by_family"][name]["num_test"]}
+                      for task, t in probes.items() if name in t.get("by_family", {})}
+        out[name] = {"recall": recall_by_family.get(name, {}), "probe": probe_rows}
+    return out
 
 
 def _mean_recall(records: list[dict]) -> dict[str, float]:
@@ -116,8 +195,17 @@ def public(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report.items() if not k.startswith("_")}
 
 
+def _band(ax, x, intervals, color) -> None:
+    """Shades [lo, hi] per block when every block has a defined interval."""
+    if not intervals or any(iv is None or None in iv for iv in intervals):
+        return
+    lo, hi = zip(*intervals)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+
+
 def plot_blocks(report: dict[str, Any], path: str, title: str = "") -> None:
-    """Three panels against the block index: recall per source, replicate consistency, probe tasks."""
+    """Three panels against the block index: recall per source, replicate consistency, probe tasks
+    (shaded: the 95% bootstrap intervals, when the report has them)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -129,9 +217,12 @@ def plot_blocks(report: dict[str, Any], path: str, title: str = "") -> None:
     keys = sorted(blocks[0]["recall_mean"])   # the first threshold pair, e.g. recall_0.05_0.95
     if keys:
         key = keys[0]
-        for src in [r["source"] for r in blocks[0]["recall"]]:
+        for i, src in enumerate(r["source"] for r in blocks[0]["recall"]):
             ax.plot(x, [next(r[key] for r in b["recall"] if r["source"] == src) for b in blocks], "o-", ms=3,
-                    label=src)
+                    color=f"C{i}", label=src)
+            cis = [next((r[key]["ci95"] for r in b.get("recall_ci", []) if r["source"] == src), None)
+                   for b in blocks]
+            _band(ax, x, cis, f"C{i}")
         ax.plot(x, [b["recall_mean"][key] for b in blocks], "k--", label="mean")
         ax.set_ylabel(key.replace("_", " ", 1))
         ax.legend(fontsize=7)
@@ -155,6 +246,7 @@ def plot_blocks(report: dict[str, Any], path: str, title: str = "") -> None:
     for i, (name, task) in enumerate(t for t in report["tasks"].items() if "test" in t[1]):
         arrow = "" if task["higher_is_better"] else " (lower is better)"
         ax.plot(x, task["test"], "o-", ms=3, color=f"C{i}", label=f"{name}{arrow}")
+        _band(ax, x, task.get("test_ci95"), f"C{i}")
         ax.axhline(task["chance"], color=f"C{i}", lw=0.7, ls=":")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("balanced accuracy (test; dotted: chance)")

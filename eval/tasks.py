@@ -24,6 +24,11 @@ Tasks (label source, rows used, defaults):
 
 Scores are balanced accuracies (chance = 1 / classes). All blocks of a task are probed together; the
 task's best block is picked on validation (lowest for `experiment`) and reported with its test score.
+Every block's test score gets a 95% percentile bootstrap interval (eval/bootstrap.py) that resamples
+the held-out units: wells (perturbations for split=perturbations; wells too for split=experiments,
+where a handful of experiments would make a degenerate interval). Given `families` (gene -> family),
+the tasks over perturbations (perturbation, functional_group) also report each block's balanced
+accuracy on the test rows of each family's genes, with its interval.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from eval import efaar, probe
+from eval import bootstrap, efaar, probe
 
 WELL_KEYS = ["experiment", "plate", "well"]
 SPLITS = ("wells", "experiments", "perturbations")
@@ -213,11 +218,28 @@ def well_means(features: np.ndarray, meta: pd.DataFrame) -> tuple[np.ndarray, np
 
 # --- running tasks ------------------------------------------------------------------------------
 
+FAMILY_TASKS = ("perturbation", "functional_group")   # tasks whose rows are perturbations of genes
+
+
+def bootstrap_unit(task: Task) -> list[str]:
+    """Metadata columns naming the held-out unit that the test interval resamples."""
+    return ["perturbation"] if task.split == "perturbations" else WELL_KEYS
+
+
 def run_task(task: Task, features: np.ndarray, meta: pd.DataFrame, *, groups: dict[str, str] | None = None,
-             fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> dict[str, Any]:
+             fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+             families: dict[str, str] | None = None, n_boot: int = bootstrap.N_BOOT) -> dict[str, Any]:
     """Probes every block of (N, K, D) crop features for one task. Returns a JSON-ready record:
     the task spec, sample and class counts, chance, val/test balanced accuracy per block and the
-    task's best block (1-based) chosen on validation."""
+    task's best block (1-based) chosen on validation; with n_boot > 0 also
+      test_ci95            [[lo, hi], ...] per block (bootstrap over held-out units, seed `seed`),
+      best_block_test_ci95 [lo, hi],
+      bootstrap            {"unit": [columns], "num_units", "n_boot", "level"},
+    and with `families` (tasks over perturbations only)
+      by_family            {family: {"value": [per block], "ci95": [[lo, hi] per block],
+                                     "num_test": rows, "num_units": held-out units, "genes": [...]}}
+    (balanced accuracy over the test rows whose perturbation is in the family; families without a
+    test row are left out)."""
     labels = labels_for(task, meta, groups)
     if task.level == "well":
         if not _one_label_per_group(_group_codes(meta, WELL_KEYS), labels):
@@ -242,19 +264,52 @@ def run_task(task: Task, features: np.ndarray, meta: pd.DataFrame, *, groups: di
     fit = probe.ridge_probes if task.probe == "ridge" else probe.logistic_probes
     report = fit(x, y.astype(np.int32), train, val, test, num_classes=len(classes))
     best = int(np.argmax(report.val) if task.higher_is_better else np.argmin(report.val))
-    return {**task.describe(), "num_classes": int(len(classes)), "chance": 1.0 / len(classes),
-            "num_train": int(train.sum()), "num_val": int(val.sum()), "num_test": int(test.sum()),
-            "best_block": best + 1, "best_block_val": float(report.val[best]),
-            "best_block_test": float(report.test[best]), "val": report.val.tolist(),
-            "test": report.test.tolist(), "l2": report.best_l2.tolist()}
+    out = {**task.describe(), "num_classes": int(len(classes)), "chance": 1.0 / len(classes),
+           "num_train": int(train.sum()), "num_val": int(val.sum()), "num_test": int(test.sum()),
+           "best_block": best + 1, "best_block_val": float(report.val[best]),
+           "best_block_test": float(report.test[best]), "val": report.val.tolist(),
+           "test": report.test.tolist(), "l2": report.best_l2.tolist()}
+    if n_boot > 0:
+        out.update(_test_intervals(task, rows.iloc[report.test_index].reset_index(drop=True),
+                                   y[report.test_index], report.test_predictions, len(classes), best,
+                                   families, n_boot, seed))
+    return out
+
+
+def _test_intervals(task: Task, test_rows: pd.DataFrame, labels: np.ndarray, predictions: np.ndarray,
+                    num_classes: int, best: int, families: dict[str, str] | None, n_boot: int,
+                    seed: int) -> dict[str, Any]:
+    """The bootstrap keys of run_task's record for the test rows and their (blocks, n_test) predictions."""
+    unit = bootstrap_unit(task)
+    units = _group_codes(test_rows, unit)
+    _, lo, hi = bootstrap.balanced_accuracy_ci(labels, predictions, units, num_classes, n_boot, seed)
+    ci = [[float(a), float(b)] for a, b in zip(lo, hi)]
+    out: dict[str, Any] = {"test_ci95": ci, "best_block_test_ci95": ci[best],
+                           "bootstrap": {"unit": unit, "num_units": int(len(np.unique(units))),
+                                         "n_boot": int(n_boot), "level": bootstrap.LEVEL}}
+    if families is None or task.name not in FAMILY_TASKS:
+        return out
+    family = test_rows["perturbation"].astype(str).map(families)
+    by_family = {}
+    for name in sorted(family.dropna().unique()):
+        m = (family == name).to_numpy()
+        value, lo, hi = bootstrap.balanced_accuracy_ci(labels[m], predictions[:, m], units[m], num_classes,
+                                                        n_boot, seed)
+        records = [bootstrap.ci_record(v, a, b) for v, a, b in zip(value, lo, hi)]
+        by_family[str(name)] = {"value": [r["value"] for r in records], "ci95": [r["ci95"] for r in records],
+                                "num_test": int(m.sum()), "num_units": int(len(np.unique(units[m]))),
+                                "genes": sorted(test_rows["perturbation"][m].astype(str).unique().tolist())}
+    out["by_family"] = by_family
+    return out
 
 
 def run_tasks(specs: Sequence[str], features: np.ndarray, meta: pd.DataFrame, *, groups_source: str = "",
               dataset_dir: str | None = None, default_probe: str = "ridge",
-              fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> dict[str, dict[str, Any]]:
+              fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0,
+              families: dict[str, str] | None = None, n_boot: int = bootstrap.N_BOOT) -> dict[str, dict[str, Any]]:
     """Every task of `specs` on (N, K, D) crop features. A task whose labels the dataset cannot give
     (no `qc` column, no group table, a single class) is reported as {"skipped": reason}; a bad spec
-    raises. Keys are the task names."""
+    raises. Keys are the task names. `families` and `n_boot`: see run_task."""
     tasks = [parse_task(s, default_probe) for s in specs]
     names = [t.name for t in tasks]
     if len(set(names)) < len(names):
@@ -265,7 +320,8 @@ def run_tasks(specs: Sequence[str], features: np.ndarray, meta: pd.DataFrame, *,
         try:
             if task.name == "functional_group" and groups is None:
                 groups = functional_groups(groups_source, dataset_dir) if groups_source else None
-            out[task.name] = run_task(task, features, meta, groups=groups, fractions=fractions, seed=seed)
+            out[task.name] = run_task(task, features, meta, groups=groups, fractions=fractions, seed=seed,
+                                      families=families, n_boot=n_boot)
         except TaskUnavailable as e:
             out[task.name] = {**task.describe(), "skipped": str(e)}
     return out
