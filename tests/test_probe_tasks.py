@@ -32,7 +32,7 @@ def screen():
                                      is_control=gene == "ctrl", qc=("ok", "blur")[int(rng.random() < 0.3)]))
     meta = pd.DataFrame(rows)
     n, d = len(meta), 16
-    group_vec = {grp: rng.standard_normal(d) for grp in set(GROUP.values())}
+    group_vec = {grp: rng.standard_normal(d) for grp in sorted(set(GROUP.values()))}
     gene_vec = {g: group_vec[GROUP[g]] + rng.standard_normal(d) for g in GENES}
     gene_vec["ctrl"] = np.zeros(d)
     gene = np.stack([gene_vec[g] for g in meta.perturbation])
