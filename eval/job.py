@@ -1,12 +1,14 @@
 """Eval job: restore a checkpoint onto the devices that exist, embed every crop of a screen, and evaluate
 every block (recall of known relationships and replicate consistency after batch correction, probe tasks).
 
-  python -m eval.job --workdir runs/demo [--dataset DIR] [--out DIR] [--features {mae,random_init,handcrafted}]
+  python -m eval.job --workdir runs/demo [--dataset DIR] [--out DIR] [--features KIND]
       [--tasks perturbation functional_group:split=perturbations qc experiment] [--eval KEY=VALUE ...]
 
 `mae` evaluates the run's latest checkpoint (in `<workdir>/checkpoints`, or the run's `ckpt_dir`);
 `random_init` the same architecture with fresh weights (the untrained control); `handcrafted`
-CellProfiler-style features, no model. The eval settings are `maejax.config.base().eval`, overlaid with
+CellProfiler-grade features, no model (eval/cellprofiler.py: nuclei / cell segmentation, cp-measure
+measurements, pycytominer-style selection; one crop per well); `handcrafted_fast` the fast per-image
+statistics of eval/handcrafted.py, every crop; `oracle` the synthetic screen's true well parameters (the ceiling). The eval settings are `maejax.config.base().eval`, overlaid with
 the run's own `eval` section and then with `--tasks` / `--eval KEY=VALUE` (e.g. `--eval
 probe_model=logistic groups=anax.csv`). Outputs go to `<out>` (default `<workdir>/eval/<features>`):
 report.json, embeddings.parquet, blocks.png, similarity.png.
@@ -31,18 +33,24 @@ from maejax.checkpoint import Checkpoints, run_checkpoint_dir
 from maejax.input_pipeline import iterate_records
 from maejax.records import LAYOUT
 
-FEATURES = ("mae", "random_init", "handcrafted")
+FEATURES = ("mae", "random_init", "handcrafted", "handcrafted_fast", "oracle")
 
 
-def embed_screen(model, dataset_dir: str, batch_size: int) -> tuple[np.ndarray, pd.DataFrame]:
-    """Every crop of the dataset -> (N, blocks, D) mean-pooled block features, plus crop metadata."""
+def embed_screen(model, dataset_dir: str, batch_size: int, normalize: str = "crop"
+                 ) -> tuple[np.ndarray, pd.DataFrame]:
+    """Every crop of the dataset -> (N, blocks, D) pooled block features, plus crop metadata; crops are
+    normalised as the model was trained (`data.normalize`; plate statistics of this dataset)."""
+    from maejax.input_pipeline import open_dataset
+    from maejax.preprocess import plate_statistics
     mesh = shd.make_mesh({"data": -1})
-    embedder = Embedder(model, mesh, batch_size, keys=("blocks",))
-    feats, meta = embedder.embed_batches(iterate_records(dataset_dir, embedder.batch_size))
+    dataset = open_dataset(dataset_dir)
+    stats = plate_statistics(dataset) if normalize == "plate" else None
+    embedder = Embedder(model, mesh, batch_size, keys=("blocks",), normalize=normalize, plate_stats=stats)
+    feats, meta = embedder.embed_batches(iterate_records(dataset, embedder.batch_size))
     return feats["blocks"], meta
 
 
-def handcrafted_screen(dataset_dir: str, batch_size: int = 256) -> tuple[np.ndarray, pd.DataFrame]:
+def handcrafted_fast_screen(dataset_dir: str, batch_size: int = 256) -> tuple[np.ndarray, pd.DataFrame]:
     from eval.handcrafted import handcrafted_features
     feats, metas = [], []
     for images, meta in iterate_records(dataset_dir, batch_size):
@@ -64,8 +72,16 @@ def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: i
     ckpts.close()
     dataset_dir = dataset_dir or config.data.dir
     batch_size = batch_size or config.eval.batch_size
+    if kind == "handcrafted_fast":
+        feats, meta = handcrafted_fast_screen(dataset_dir)
+        return feats, meta, config, dataset_dir, step
     if kind == "handcrafted":
-        feats, meta = handcrafted_screen(dataset_dir)
+        from eval.cellprofiler import cellprofiler_screen
+        feats, meta, _ = cellprofiler_screen(dataset_dir)
+        return feats, meta, config, dataset_dir, step
+    if kind == "oracle":
+        from eval.oracle import oracle_screen
+        feats, meta = oracle_screen(dataset_dir)
         return feats, meta, config, dataset_dir, step
     if kind == "mae":
         model, _, _ = state_lib.load_model(ckpt_dir, step=step)
@@ -76,7 +92,7 @@ def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: i
         fresh = state_lib.initialize(config.model, mesh, rules, sharded, seed=config.seed + 1)
         with shd.activate(mesh, rules):
             model = nnx.merge(sharded.model_def, fresh)
-    feats, meta = embed_screen(model, dataset_dir, batch_size)
+    feats, meta = embed_screen(model, dataset_dir, batch_size, config.data.get("normalize", "crop"))
     return feats, meta, config, dataset_dir, step
 
 
@@ -111,6 +127,17 @@ def negative_controls(source: str, dataset_dir: str) -> list[str] | None:
         return [line.strip() for line in f if line.strip()]
 
 
+def gene_families(dataset_dir: str) -> dict[str, str] | None:
+    """gene -> phenotype family from a synthetic screen's ground_truth.json (None elsewhere)."""
+    path = os.path.join(dataset_dir, "ground_truth.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        genes = json.load(f).get("genes", {})
+    families = {g: v["family"] for g, v in genes.items() if v.get("family")}
+    return families or None
+
+
 def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir: str | None = None,
              batch_size: int | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Embeds and evaluates one of FEATURES; writes the outputs and returns the report (with in-memory
@@ -125,7 +152,7 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
         thresholds=[tuple(t) for t in e.thresholds], tasks=list(e.tasks) if e.probe else [],
         select_by=e.select_by, groups=e.groups, dataset_dir=dataset_dir, probe_model=e.probe_model,
         split_fractions=list(e.split_fractions), negative_controls=negative_controls(e.negative_controls, dataset_dir),
-        seed=config.seed)
+        seed=config.seed, families=gene_families(dataset_dir), n_boot=e.n_boot)
     report.update(features=kind, checkpoint_step=step if kind == "mae" else None, dataset=dataset_dir,
                   embed_seconds=t_embed, eval_seconds=time.time() - t0 - t_embed, eval_config=e.to_dict())
     out_dir = out_dir or os.path.join(workdir, "eval", kind)

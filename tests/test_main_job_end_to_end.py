@@ -1,5 +1,6 @@
-"""The main job end to end at the tiny preset: synthetic screen -> MAE training with checkpoints -> eval of
-the trained MAE, the untrained architecture and hand-crafted features -> the table and report.json."""
+"""The main job end to end at the tiny preset: synthetic screen -> MAE training with checkpoints -> masked
+loss against interpolation -> eval of the oracle, the trained MAE, the untrained architecture and both
+hand-crafted baselines -> the table with intervals, report.json in its documented schema, the figure."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import math
 
 import pytest
 
-from eval import job
 from launch import demo
 from maejax.checkpoint import Checkpoints
 
@@ -15,26 +15,40 @@ from maejax.checkpoint import Checkpoints
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    return workdir, demo.run(str(workdir), preset="tiny")
+    return workdir, demo.run(str(workdir), preset="tiny", seed=3)
 
 
-def test_report_json_holds_the_three_feature_kinds(main_job):
+def _is_record(rec):
+    lo, hi = rec["ci95"]
+    return set(rec) == {"value", "ci95"} and math.isfinite(rec["value"]) and lo <= rec["value"] + 1e-9 \
+        and rec["value"] <= hi + 1e-9
+
+
+def test_report_schema(main_job):
     workdir, reports = main_job
     saved = json.loads((workdir / "report.json").read_text())
-    assert set(saved) == {"mae", "random_init", "handcrafted", "timings"}
     assert saved == json.loads(json.dumps(reports))
-    for kind in job.FEATURES:
-        report = saved[kind]
-        blocks = report["blocks"]
-        assert report["best"] == blocks[report["best_block"] - 1]
-        for row in blocks:
-            for record in row["recall"]:
-                assert 0.0 <= record["recall_0.05_0.95"] <= 1.0
-            for probe in row["probes"].values():
-                assert 0.0 <= probe["test"] <= 1.0
+    assert set(saved) == set(demo.ROWS) | {"loss", "screen", "timings"}
+    assert saved["screen"]["seed"] == 3 and saved["screen"]["genes"] > 0
+    assert len(saved["screen"]["families"]) == 6
+    for kind in demo.ROWS:
+        r = saved[kind]
+        assert isinstance(r["block"], int) and 1 <= r["block"] <= r["num_blocks"]
+        assert set(r["recall"]) == set(demo.RECALL) and all(_is_record(v) for v in r["recall"].values())
+        assert r["probe"] and set(r["probe"]) <= set(demo.PROBES)    # tiny: 2 wells per gene, no perturbation test wells
+        assert all(_is_record(v) for v in r["probe"].values())
+        assert set(r["by_family"]) <= set(saved["screen"]["families"]) and r["by_family"]
+        for fam in r["by_family"].values():
+            assert set(fam) == {"recall", "probe"}
+            assert all(_is_record(v) for part in fam.values() for v in part.values())
+        assert r["blocks"][r["block"] - 1]["recall"] == r["recall"]
     # the MAE and its untrained twin have one row per transformer block (tiny preset: mu/8, 2 blocks)
-    assert len(saved["mae"]["blocks"]) == len(saved["random_init"]["blocks"]) == 2
+    assert saved["mae"]["num_blocks"] == saved["random_init"]["num_blocks"] == 2
+    assert saved["oracle"]["num_blocks"] == 1
+    loss = saved["loss"]
+    assert math.isfinite(loss["mae"]) and math.isfinite(loss["interpolation"]) and loss["num_crops"] > 0
     assert all(t >= 0 for t in saved["timings"].values())
+    assert (workdir / "report.png").stat().st_size > 0
 
 
 def test_training_left_its_checkpoint_and_metrics(main_job):
@@ -49,15 +63,16 @@ def test_training_left_its_checkpoint_and_metrics(main_job):
     assert losses and all(math.isfinite(v) for v in losses)
     table = (workdir / "parameters.txt").read_text()             # clu's parameter overview
     assert "encoder/" in table and "decoder/" in table and "Total:" in table
-    for kind in job.FEATURES:
+    for kind in demo.ROWS:
         out = workdir / "eval" / kind
         assert (out / "report.json").exists() and (out / "embeddings.parquet").exists()
-        assert (out / "blocks.png").stat().st_size > 0
 
 
-def test_the_table_lists_every_model_and_its_chance_levels(main_job):
+def test_the_table_shows_intervals_families_and_the_loss(main_job):
     _, reports = main_job
     text = demo.table(reports)
-    for kind in job.FEATURES:
+    for kind in demo.ROWS:
         assert kind in text
-    assert "chance: " in text and "experiment 0.500" in text       # tiny screen: 2 experiments
+    assert text.count("[") >= 4 * len(demo.ROWS)               # an interval per figure
+    assert "by phenotype family" in text and "colocalisation" in text
+    assert "interpolation of the visible pixels" in text
