@@ -54,9 +54,8 @@ def get_config(arg=None):
         c.data.normalize = "plate"
         c.model.pool = "mean_std"
     elif arg.preset == "fast":
-        c = get_config(f"preset=demo")
+        c = get_config("preset=demo")
         c.total_steps = 600
-        c.eval.split_fractions = [0.5, 0.25, 0.25]
     elif arg.preset == "paper":
         c.model.variant = "S/16"
         c.data.batch_size = 2048

@@ -172,20 +172,7 @@ def triangle_size(num_pairs: int) -> int:
     return n
 
 
-def known_pair_positions(labels: Sequence, annotation_dir, sources=None) -> dict[str, np.ndarray]:
-    """Per source, the positions in the upper-triangle null (recall.upper_triangle_cosines order) of
-    its known pairs found in a map with these row labels, in the order `relationship_similarities`
-    takes them (sources without a pair in the map omitted)."""
-    index = pd.Index(np.asarray(labels).astype(str))
-    names = recall_lib.discover_sources(annotation_dir) if sources is None else list(sources)
-    out = {}
-    for name in names:
-        e1, e2 = recall_lib.load_relationships(annotation_dir, name)
-        i, j = index.get_indexer(e1), index.get_indexer(e2)
-        found = (i >= 0) & (j >= 0)
-        if found.any():
-            out[name] = recall_lib.pair_positions(i[found], j[found], len(index))
-    return out
+known_pair_positions = recall_lib.known_pair_positions   # the pairs a recall query scores, by position
 
 
 class PairBootstrap:

@@ -12,9 +12,8 @@ import os
 import numpy as np
 import pandas as pd
 
+from eval.tasks import WELL_KEYS
 from maejax.records import LAYOUT
-
-WELL_KEYS = ["experiment", "plate", "well"]
 
 
 def oracle_screen(dataset_dir: str) -> tuple[np.ndarray, pd.DataFrame]:

@@ -137,18 +137,27 @@ def relationship_similarities(features: np.ndarray, labels: Sequence, annotation
         raise ValueError(f"features {features.shape} and labels ({len(labels)}) do not match")
     if len(features) < 2:
         raise ValueError(f"a map needs at least 2 perturbations, got {len(features)}")
+    null = upper_triangle_cosines(features)
+    queries = {name: null[pos] for name, pos in known_pair_positions(labels, annotation_dir, sources).items()}
+    null.sort()
+    return RelationshipSimilarities(null, queries)
+
+
+def known_pair_positions(labels: Sequence, annotation_dir, sources: Iterable[str] | None = None
+                         ) -> dict[str, np.ndarray]:
+    """Per source, the positions in the upper-triangle null (`upper_triangle_cosines` order) of its known
+    pairs found in a map with these (unique) row labels, in table order. A source with no pair in the
+    map is left out, as EFAAR drops it."""
     index = _map_index(labels)
     names = discover_sources(annotation_dir) if sources is None else list(sources)
-    null = upper_triangle_cosines(features)
-    queries = {}
+    out = {}
     for name in names:
         e1, e2 = load_relationships(annotation_dir, name)
         i, j = index.get_indexer(e1), index.get_indexer(e2)
         found = (i >= 0) & (j >= 0)
-        if found.any():  # EFAAR drops a source silently when none of its pairs is in the map
-            queries[name] = null[pair_positions(i[found], j[found], len(index))]
-    null.sort()
-    return RelationshipSimilarities(null, queries)
+        if found.any():
+            out[name] = pair_positions(i[found], j[found], len(index))
+    return out
 
 
 # --- recall -------------------------------------------------------------------------------------

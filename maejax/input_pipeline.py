@@ -198,6 +198,7 @@ def make_train_iterator(
     num_channels: int | None = None,
     read_threads: int = 8,
     normalize: str = "crop",
+    plate_stats: dict | None = None,
 ) -> grain.DatasetIterator:
     """Returns an iterator over this process's training batches.
 
@@ -205,7 +206,8 @@ def make_train_iterator(
       batch_size // process_count examples per batch (feed them to
       `jax.make_array_from_process_local_data`).
     Each batch is a dict: `image` float32 (B, C, crop_size, crop_size) normalised as `normalize` says
-    (maejax.preprocess: crop = self-standardised, plate = by its plate's statistics), `label` int32
+    (maejax.preprocess: crop = self-standardised, plate = by its plate's statistics, `plate_stats` when
+    given, else computed here), `label` int32
     (index into the manifest's `perturbations`), `is_control` bool, `record_id` int64.
     Augmentation: a random square crop of `crop_size` (a no-op when it equals the record size), then
     random vertical and horizontal flips (`flip`) and a random number of quarter turns (`rot90`).
@@ -233,8 +235,9 @@ def make_train_iterator(
         raise ValueError(f"{ds.path}: {per_process} records per process, fewer than one batch of {local_batch}")
 
     preprocess.check_normalization(normalize)
-    moments = (preprocess.plate_moments(ds.metadata, preprocess.plate_statistics(ds)) if normalize == "plate"
-               else None)
+    moments = None
+    if normalize == "plate":
+        moments = preprocess.plate_moments(ds.metadata, plate_stats or preprocess.plate_statistics(ds))
     example = _TrainExample(
         ds.reader,
         labels=ds.metadata["label"].to_numpy(np.int32),

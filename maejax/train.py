@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from maejax import mfu, optim, sharding as shd, state as state_lib, step as step_lib
+from maejax import mfu, optim, preprocess, sharding as shd, state as state_lib, step as step_lib
 from maejax.checkpoint import Checkpoints, run_checkpoint_dir
 from maejax.config import check_known
 from maejax.distributed import PreemptionNotice
@@ -62,11 +62,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     # ----------------------------------------------------------------------------------------------------
     # Input pipeline: this process's streams of the global batch
     # ----------------------------------------------------------------------------------------------------
+    # Per-plate normalisation statistics: read once, shared by every stream.
+    plate_stats = (preprocess.plate_statistics(dataset) if preprocess.check_normalization(config.data.normalize)
+                   == "plate" else None)
+
     def make_stream(index: int, count: int):
         return input_pipeline.make_train_iterator(
             dataset, batch_size=batch, crop_size=config.data.crop_size, seed=config.seed,
             num_workers=config.data.workers, flip=config.data.flip, rot90=config.data.rot90,
-            normalize=config.data.normalize,
+            normalize=config.data.normalize, plate_stats=plate_stats,
             process_index=index, process_count=count, num_channels=config.model.in_channels)
 
     data_iter = StreamedBatches(make_stream, int(config.data.streams) or jax.process_count(), batch,

@@ -294,7 +294,7 @@ class ViT(nnx.Module):
         x, per_block = self.encode(tokens, key=key, valid=valid, pool=pool)
         pooled_blocks = per_block[0] if full else per_block
         out = {"blocks": jnp.swapaxes(pooled_blocks, 0, 1),
-               "predict": pooled_blocks[-1] if self.cfg.pool == "mean" else mean(x)}
+               "predict": mean(x)}
         if full:
             out["tokens"] = jnp.swapaxes(per_block[1], 0, 1)
         if self.cfg.final_norm == "tokens":
