@@ -620,12 +620,12 @@ def cellprofiler_screen(dataset_dir: str, max_crops_per_well: int | None = DEFAU
 
 
 def _main(argv=None) -> None:
-    """python -m eval.cellprofiler DATASET [--crops-per-well K] [--workers W]: measure and time."""
+    """python -m eval.cellprofiler --dataset DIR [--crops_per_well K] [--workers W]: measure and time."""
     import argparse
     import time
     p = argparse.ArgumentParser(description=_main.__doc__)
-    p.add_argument("dataset")
-    p.add_argument("--crops-per-well", type=int, default=DEFAULT_CROPS_PER_WELL)
+    p.add_argument("--dataset", required=True, help="dataset directory")
+    p.add_argument("--crops_per_well", type=int, default=DEFAULT_CROPS_PER_WELL, help="0 = every crop")
     p.add_argument("--workers", type=int, default=WORKERS)
     a = p.parse_args(argv)
     t = time.perf_counter()
