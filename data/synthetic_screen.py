@@ -51,6 +51,7 @@ from data.arrayrecord_writer import write_dataset
 
 VERSION = 2
 CONTROL_LABEL = "non-targeting"
+MIN_CHUNKS_PER_WORKER = 8
 CHUNK_SITES = 32  # sites rendered together; fixed, so the output never depends on memory settings
 PLATE_ROWS, PLATE_COLS = 16, 24  # 384-well plates
 FAMILIES = ("intensity", "morphology", "relocalisation", "subpopulation", "spatial", "colocalisation")
@@ -457,6 +458,8 @@ def rendered_chunks(cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites
     """
     render = functools.partial(_render_chunk_at, cfg=cfg, biology=biology, acq=acq, sites=sites)
     starts = range(0, len(sites), CHUNK_SITES)
+    # A spawned worker costs seconds to start: each must get at least MIN_CHUNKS_PER_WORKER chunks.
+    workers = min(workers, len(starts) // MIN_CHUNKS_PER_WORKER)
     if workers <= 1:
         yield from ((start, *render(start)) for start in starts)
         return

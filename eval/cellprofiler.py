@@ -122,6 +122,7 @@ BATCH = 16   # crops per mosaic
 GAP = 4      # zero pixels around every tile: > every operation's reach (granularity top-hat 3, seed window 3)
 WORKERS = 2
 DEFAULT_CROPS_PER_WELL = 1
+MIN_CHUNKS_PER_WORKER = 8
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -514,7 +515,8 @@ def cellprofiler_features(images: np.ndarray, channels: Sequence[str], *,
     names = feature_names(channels)
     plan = _plan()
     chunks = [(images[i:i + BATCH], channels, names, plan) for i in range(0, len(images), BATCH)]
-    workers = min(workers, len(chunks), os.cpu_count() or 1)
+    # A spawned worker costs seconds to start: each must get at least MIN_CHUNKS_PER_WORKER chunks.
+    workers = min(workers, len(chunks) // MIN_CHUNKS_PER_WORKER, os.cpu_count() or 1)
     if workers > 1:
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers, initializer=_worker_init) as pool:

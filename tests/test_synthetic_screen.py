@@ -123,7 +123,8 @@ def test_same_seed_gives_identical_records(tmp_path, tiny):
     assert (other / shard_file_names(2)[0]).read_bytes() != (tiny / shard_file_names(2)[0]).read_bytes()
 
 
-def test_worker_processes_give_identical_output(tmp_path, screen):
+def test_worker_processes_give_identical_output(tmp_path, screen, monkeypatch):
+    monkeypatch.setattr(synthetic_screen, "MIN_CHUNKS_PER_WORKER", 1)   # a pool even for this small screen
     parallel = generate_screen(tmp_path / "parallel", seed=0, workers=2, **BIOLOGY)
     num_sites = open_dataset(screen).metadata.groupby(["experiment", "plate", "well", "site"]).ngroups
     assert num_sites > 2 * synthetic_screen.CHUNK_SITES  # several chunks in flight
