@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -29,7 +30,7 @@ from flax import nnx
 from eval import screen
 from eval.embed import Embedder
 from maejax import config as config_lib, sharding as shd, state as state_lib
-from maejax.checkpoint import Checkpoints, run_checkpoint_dir
+from maejax.checkpoint import CheckpointMismatchError, Checkpoints, run_checkpoint_dir
 from maejax.input_pipeline import iterate_records
 from maejax.records import LAYOUT
 
@@ -96,6 +97,32 @@ def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: i
     return feats, meta, config, dataset_dir, step
 
 
+class AnnotationError(ValueError):
+    """The relationship tables cannot give a recall for this dataset (eval.recall's one-line message)."""
+
+
+def check_annotations(workdir: str, dataset_dir: str | None, overrides: dict[str, Any] | None = None) -> None:
+    """Reads the dataset's perturbations (its metadata, no image) and checks the relationship tables
+    against them as the map will (eval.recall): a missing or empty folder, a table with another header or
+    no pair, no table gene in the screen. Raises AnnotationError naming the folder or table."""
+    from eval import recall
+    from maejax.input_pipeline import open_dataset
+    ckpts = Checkpoints(run_checkpoint_dir(workdir))
+    step = ckpts.latest_step()
+    config = ml_collections.ConfigDict(ckpts.meta(step)["config"]) if step is not None else None
+    ckpts.close()
+    if config is None:
+        return   # features_for says there is no checkpoint
+    dataset_dir = dataset_dir or config.data.dir
+    e = eval_config(config.get("eval", ml_collections.ConfigDict()), overrides)
+    genes = open_dataset(dataset_dir).metadata["perturbation"].astype(str).unique()
+    try:
+        recall.known_pair_positions(sorted(g for g in genes if g != e.control),
+                                    os.path.join(dataset_dir, LAYOUT.annotations))
+    except ValueError as err:
+        raise AnnotationError(str(err)) from err
+
+
 def eval_config(stored: ml_collections.ConfigDict, overrides: dict[str, Any] | None = None
                 ) -> ml_collections.ConfigDict:
     """base().eval overlaid with a run's stored eval section (older runs lack newer keys) and then with
@@ -143,6 +170,7 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
     """Embeds and evaluates one of FEATURES; writes the outputs and returns the report (with in-memory
     arrays under keys starting with '_'; `screen.public` drops them)."""
     t0 = time.time()
+    check_annotations(workdir, dataset_dir, overrides)   # a bad table fails here, before the embedding
     feats, meta, config, dataset_dir, step = features_for(kind, workdir, dataset_dir, batch_size)
     t_embed = time.time() - t0
     e = eval_config(config.get("eval", ml_collections.ConfigDict()), overrides)
@@ -177,8 +205,12 @@ def main() -> None:
     overrides = config_lib.parse_overrides(a.eval, "--eval")
     if a.tasks:
         overrides["tasks"] = a.tasks
-    report = evaluate(a.features, a.workdir, dataset_dir=a.dataset, out_dir=a.out, batch_size=a.batch_size,
-                      overrides=overrides)
+    try:
+        report = evaluate(a.features, a.workdir, dataset_dir=a.dataset, out_dir=a.out, batch_size=a.batch_size,
+                          overrides=overrides)
+    except (CheckpointMismatchError, AnnotationError) as e:   # one line, no tree diff or traceback
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     print(summary(report))
     print(f"outputs in {os.path.dirname(report['outputs']['report'])}")
 

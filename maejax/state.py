@@ -84,15 +84,24 @@ def load_model(checkpoint_dir: str, *, step: int | None = None, mesh: Mesh | Non
     Returns (model, config, step). The config is the one the model was trained with (stored in `meta`).
     """
     ckpts = Checkpoints(checkpoint_dir)
-    step = ckpts.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {os.path.abspath(checkpoint_dir)}")
-    config = ml_collections.ConfigDict(ckpts.meta(step)["config"])
-    mesh = mesh if mesh is not None else shd.make_mesh({"data": -1})
-    rules = rules if rules is not None else shd.rules_from_config(config.sharding_rules)
-    sharded = abstract(config.model, mesh, rules, seed=config.seed)
-    restored = ckpts.restore(step, model_state=sharded.model_abstract)
-    ckpts.close()
+    try:
+        step = ckpts.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint found in {os.path.abspath(checkpoint_dir)}")
+        config = ml_collections.ConfigDict(ckpts.meta(step)["config"])
+        mesh = mesh if mesh is not None else shd.make_mesh({"data": -1})
+        rules = rules if rules is not None else shd.rules_from_config(config.sharding_rules)
+        sharded = abstract(config.model, mesh, rules, seed=config.seed)
+        # A checkpoint whose arrays another kind of model wrote (its meta config edited or copied, or model
+        # code and config defaults changed since it was trained): one line naming both, not a tree diff.
+        restored = ckpts.restore(
+            step, model_state=sharded.model_abstract,
+            model_name=f"the {config.model.name} {config.model.variant} model its stored config describes",
+            advice="its arrays were written by another model than its meta config says (model code or config "
+                   "defaults changed since it was trained, or the checkpoint or its meta was copied from "
+                   "another run); evaluate it with the code and config it was trained with")
+    finally:
+        ckpts.close()
     with shd.activate(mesh, rules):
         model = nnx.merge(sharded.model_def, restored["model"])
     return model, config, step

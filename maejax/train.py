@@ -6,6 +6,14 @@
 Multi-process jobs are joined from the environment (maejax.distributed; see docs/training.md). Resumes from
 the latest checkpoint in `<workdir>/checkpoints` (same data order, same RNG). SIGTERM (preemption) saves a
 checkpoint at the next step boundary and stops cleanly.
+
+A resume compares the config with the one the checkpoint was written with. Keys of RESUME_SAFE (logging,
+checkpoint cadence, parallelism, eval settings) may change; any other change (model, optimiser, schedule,
+data, seed) is refused, naming every differing key, unless `--accept_config_change`. After any change
+`config.json` holds the new config, `config.<step>.json` the one the run had up to that step, and the
+checkpoints' meta a `config_history` entry per change. metrics.jsonl and TensorBoard hold each step once
+after any number of resumes (maejax.metrics). Refusals exit with status 2 and one line on stderr; a NaN
+stop with status 1 and one line naming the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -20,9 +28,11 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from maejax import mfu, optim, preprocess, sharding as shd, state as state_lib, step as step_lib
-from maejax.checkpoint import Checkpoints, run_checkpoint_dir
-from maejax.config import check_known
+from maejax import mfu, optim, preprocess, resume, sharding as shd, state as state_lib, step as step_lib
+from maejax.checkpoint import CheckpointMismatchError, Checkpoints, run_checkpoint_dir
+from maejax.config import base, check_known
+from maejax.records import RecordError
+from maejax.resume import ConfigChangeError
 from maejax.distributed import PreemptionNotice
 from maejax.metrics import MetricWriter, summarize_steps
 from maejax.streams import StreamedBatches
@@ -33,14 +43,26 @@ PREEMPTED_EXIT_CODE = 75
 
 
 class NonFiniteError(FloatingPointError):
-    """The loss or the gradient became NaN/Inf; the last good checkpoint is left in place."""
+    """The loss or the gradient became NaN/Inf; the last good checkpoint (if any) is left in place."""
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+
+def _open_checkpoints(ckpt_dir: str, keep: int) -> Checkpoints | None:
+    """The run's checkpoint manager, or None where its local directory does not exist yet (nothing is
+    created before the checks pass)."""
+    if "://" in ckpt_dir or os.path.isdir(ckpt_dir):
+        return Checkpoints(ckpt_dir, keep=keep)
+    return None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+          accept_config_change: bool = False) -> dict[str, Any]:
     """Trains `config` in `workdir`; returns the last logged metrics (plus `preempted_at` after a SIGTERM).
 
     `stop_after` ends the run after that many steps in total (a checkpoint is saved there) while keeping
     the schedule of `total_steps`: a long run done in chunks, each resuming from the last.
+    `accept_config_change` resumes even where the config differs from the checkpoint's outside RESUME_SAFE
+    (otherwise a ConfigChangeError); both configs are kept (`maejax.resume.record_config`).
     """
     # ----------------------------------------------------------------------------------------------------
     # Checks that need no compute: config keys, mesh, batch split, parameter shardings
@@ -54,49 +76,66 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     tx = optim.make(config.optim, total)
     lr_schedule = optim.schedule(config.optim, total)
     sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
-    from maejax import input_pipeline  # deferred: grain is heavy to import and eval jobs do not need it
-    dataset = input_pipeline.open_dataset(config.data.dir)   # opened once, for the check and every stream
-    _check_num_classes(config, dataset)
-    os.makedirs(workdir, exist_ok=True)
-
-    # ----------------------------------------------------------------------------------------------------
-    # Input pipeline: this process's streams of the global batch
-    # ----------------------------------------------------------------------------------------------------
-    # Per-plate normalisation statistics: read once, shared by every stream.
-    plate_stats = (preprocess.plate_statistics(dataset) if preprocess.check_normalization(config.data.normalize)
-                   == "plate" else None)
-
-    def make_stream(index: int, count: int):
-        return input_pipeline.make_train_iterator(
-            dataset, batch_size=batch, crop_size=config.data.crop_size, seed=config.seed,
-            num_workers=config.data.workers, flip=config.data.flip, rot90=config.data.rot90,
-            normalize=config.data.normalize, plate_stats=plate_stats,
-            process_index=index, process_count=count, num_channels=config.model.in_channels)
-
-    data_iter = StreamedBatches(make_stream, int(config.data.streams) or jax.process_count(), batch,
-                                jax.process_index(), jax.process_count())
-
-    # From here on a SIGTERM stops the run at the next step boundary, after saving a checkpoint.
-    notice = PreemptionNotice()
-    ckpts = Checkpoints(run_checkpoint_dir(workdir, config.ckpt_dir), keep=config.keep_ckpts)
-    writer = MetricWriter(workdir, total)
+    ckpt_dir = run_checkpoint_dir(workdir, config.ckpt_dir)
+    ckpts = _open_checkpoints(ckpt_dir, int(config.keep_ckpts))   # None for a new run: nothing created yet
+    notice = writer = None
     try:
+        # A resume with another model, optimiser, schedule or data is refused here, before anything is
+        # read, computed or written.
+        start = (ckpts.latest_step() or 0) if ckpts is not None else 0
+        saved, changes, refused, history = resume.check_resume(config, workdir, ckpts, start, accept_config_change)
+        from maejax import input_pipeline  # deferred: grain is heavy to import and eval jobs do not need it
+        dataset = input_pipeline.open_dataset(config.data.dir)   # opened once, for the check and every stream
+        _check_num_classes(config, dataset)
+        os.makedirs(workdir, exist_ok=True)
+        if ckpts is None:
+            ckpts = Checkpoints(ckpt_dir, keep=int(config.keep_ckpts))
+
+        # ------------------------------------------------------------------------------------------------
+        # Input pipeline: this process's streams of the global batch
+        # ------------------------------------------------------------------------------------------------
+        # Per-plate normalisation statistics: read once, shared by every stream.
+        plate_stats = (preprocess.plate_statistics(dataset) if preprocess.check_normalization(config.data.normalize)
+                       == "plate" else None)
+
+        def make_stream(index: int, count: int):
+            return input_pipeline.make_train_iterator(
+                dataset, batch_size=batch, crop_size=config.data.crop_size, seed=config.seed,
+                num_workers=config.data.workers, flip=config.data.flip, rot90=config.data.rot90,
+                normalize=config.data.normalize, plate_stats=plate_stats,
+                process_index=index, process_count=count, num_channels=config.model.in_channels)
+
+        data_iter = StreamedBatches(make_stream, int(config.data.streams) or jax.process_count(), batch,
+                                    jax.process_index(), jax.process_count())
+
+        # From here on a SIGTERM stops the run at the next step boundary, after saving a checkpoint.
+        notice = PreemptionNotice()
+
         # ------------------------------------------------------------------------------------------------
         # Model and optimiser state: restored or initialised in place on the mesh
         # ------------------------------------------------------------------------------------------------
-        start = ckpts.latest_step() or 0
+        # An accepted change of the data settings starts the input streams afresh: a position saved for
+        # another dataset, batch, stream count or worker count means nothing (or cannot be restored).
+        fresh_streams = any(k.startswith("data.") for k in refused)
         if start:
-            restored = ckpts.restore(start, model_state=sharded.model_abstract,
-                                     optimizer_state=sharded.opt_abstract, data_iter=data_iter)
+            restored = ckpts.restore(
+                start, model_state=sharded.model_abstract, optimizer_state=sharded.opt_abstract,
+                data_iter=None if fresh_streams else data_iter,
+                model_name=f"the {config.model.name} {config.model.variant} model and {config.optim.name} "
+                           f"optimiser of this config",
+                advice="resume with the model and optim settings it was written with (its config.json), "
+                       "or start a new --workdir")
             model_state, opt_state = restored["model"], restored["optimizer"]
-            print(f"Resumed from {ckpts.directory} at step {start}", flush=True)
+            print(f"Resumed from {ckpts.directory} at step {start}"
+                  + (" (input streams start afresh: the data settings changed)" if fresh_streams else ""),
+                  flush=True)
         else:
             model_state, opt_state = state_lib.initialize(
                 config.model, mesh, rules, sharded, seed=config.seed, tx=tx,
                 compiler_options=step_lib.compiler_options(config))
-            if jax.process_index() == 0:
-                with open(os.path.join(workdir, "config.json"), "w") as f:
-                    f.write(config.to_json(indent=2))
+        resume.record_config(config, workdir, start, saved, changes, refused, history)
+        # Rows and TensorBoard events of steps after `start` (a killed run's) are dropped: each step once.
+        writer = MetricWriter(workdir, total, resume_step=start)
         n_params = sum(x.size for x in jax.tree.leaves(sharded.model_abstract))
         print(f"{config.model.name} {config.model.variant}: {n_params / 1e6:.2f}M parameters on mesh "
               f"{dict(mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} devices, "
@@ -105,6 +144,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         table = writer.write_parameter_overview(nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)))
         if table:
             print(f"Parameter table: {table}", flush=True)
+        end = total if stop_after is None else min(total, stop_after)
+        if start >= end:
+            print(f"Nothing to train: the checkpoint of step {start} is at or past the end step {end}", flush=True)
+            return {}
 
         # ------------------------------------------------------------------------------------------------
         # Train step: compiled once, ahead of the loop, so its memory is known before step 1
@@ -125,17 +168,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         # ------------------------------------------------------------------------------------------------
         # Train loop
         # ------------------------------------------------------------------------------------------------
-        end = total if stop_after is None else min(total, stop_after)
         pending: list[dict[str, jax.Array]] = []
         last: dict[str, Any] = {}
+        last_saved = start or None    # the step of the last good checkpoint, for the NaN message
         t_log, steps_since_log = time.time(), 0
+        meta_config = json.loads(config.to_json())
 
         def flush(done: int) -> dict[str, Any]:
             """Fetches the pending steps' metrics, stops on a non-finite one, writes their mean."""
             nonlocal pending, t_log, steps_since_log
             rows = jax.device_get(pending)
             pending = []
-            _check_finite(rows, done - len(rows))
+            _check_finite(rows, done - len(rows), last_saved, ckpts.directory, config, end)
             dt = time.time() - t_log
             out = summarize_steps(rows)
             out["step_time_s"] = dt / steps_since_log
@@ -157,17 +201,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                 if ckpt_now or done % config.log_every == 0:
                     last = flush(done)  # raises NonFiniteError before anything after a bad step is saved
                 if ckpt_now:
+                    meta = {"step": done, "config": meta_config}
+                    if history:
+                        meta["config_history"] = history
                     ckpts.save(done, model_state=model_state, optimizer_state=opt_state, data_iter=data_iter,
-                               meta={"step": done, "config": json.loads(config.to_json())}, force=True)
+                               meta=meta, force=True)
+                    last_saved = done
                 if preempted:
                     print(f"Preemption notice: saved the checkpoint of step {done} and stopped", flush=True)
                     last["preempted_at"] = done
                     break
         return last
     finally:
-        notice.close()
-        ckpts.close()  # waits for an asynchronous save in flight, also when the run stops on an error
-        writer.close()
+        if notice is not None:
+            notice.close()
+        if ckpts is not None:
+            ckpts.close()  # waits for an asynchronous save in flight, also when the run stops on an error
+        if writer is not None:
+            writer.close()
 
 
 def _check_num_classes(config: ml_collections.ConfigDict, dataset) -> None:
@@ -181,12 +232,22 @@ def _check_num_classes(config: ml_collections.ConfigDict, dataset) -> None:
                          f"of the dataset {config.data.dir}; set model.num_classes={n}")
 
 
-def _check_finite(rows: list[dict[str, np.ndarray]], first_step: int) -> None:
+def _check_finite(rows: list[dict[str, np.ndarray]], first_step: int, last_saved: int | None,
+                  ckpt_dir: str, config: ml_collections.ConfigDict, end: int) -> None:
+    """Raises NonFiniteError at the first non-finite row, saying what there is to resume from."""
     for i, r in enumerate(rows):
         if not r["finite"]:
+            knobs = (f"a lower optim.lr (now {config.optim.lr:g}) or longer optim.warmup_steps (now "
+                     f"{config.optim.warmup_steps})")
+            if last_saved is None:
+                then = (f"no checkpoint was written yet (the first was due at step "
+                        f"{min(int(config.ckpt_every), end)}), so there is nothing to resume: start again with {knobs}")
+            else:
+                then = (f"the last good checkpoint is step {last_saved} in {ckpt_dir}: resume from it with {knobs} "
+                        f"and --accept_config_change (the same config repeats the same steps)")
             raise NonFiniteError(
                 f"non-finite loss or gradient at step {first_step + i + 1} (loss={float(r['loss'])}, "
-                f"grad_norm={float(r['grad_norm'])}); stopped without saving, the last good checkpoint is kept")
+                f"grad_norm={float(r['grad_norm'])}); stopped without saving; {then}")
 
 
 def check_override_flags(argv: list[str]) -> None:
@@ -209,13 +270,28 @@ def check_override_flags(argv: list[str]) -> None:
             node = node[part]
 
 
+# Errors the CLI reports as one line on stderr (no traceback), with their exit status: bad input 2 (what
+# was refused and what to do), a NaN stop 1.
+ONE_LINE_ERRORS = ((ConfigChangeError, 2), (CheckpointMismatchError, 2), (RecordError, 2), (NonFiniteError, 1))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, accept_config_change: bool = False) -> int:
+    """train() as the CLI runs it; returns the exit status: 0 done, PREEMPTED_EXIT_CODE after a SIGTERM,
+    or that of ONE_LINE_ERRORS after printing `ErrorName: message` (one line) to stderr."""
+    try:
+        out = train(config, workdir, accept_config_change=accept_config_change)
+    except tuple(e for e, _ in ONE_LINE_ERRORS) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return next(code for cls, code in ONE_LINE_ERRORS if isinstance(e, cls))
+    return PREEMPTED_EXIT_CODE if "preempted_at" in out else 0
+
+
 def main(argv) -> None:
     del argv
     from absl import flags, logging
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-    if "preempted_at" in train(_CONFIG.value, _WORKDIR.value):
-        sys.exit(PREEMPTED_EXIT_CODE)
+    sys.exit(run(_CONFIG.value, _WORKDIR.value, accept_config_change=_ACCEPT_CONFIG_CHANGE.value))
 
 
 if __name__ == "__main__":
@@ -228,5 +304,9 @@ if __name__ == "__main__":
     distributed.initialize()  # before anything touches the devices
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (FILE.py[:ARG]).", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.")
+    _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
+        "accept_config_change", False, "Resume even though the config changes the model, optimiser, schedule or "
+        "data the checkpoint was trained with (see RESUME_SAFE); config.json gets the new config, "
+        "config.<step>.json keeps the old one.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

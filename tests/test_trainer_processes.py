@@ -5,7 +5,8 @@ data 2 x fsdp 2 x tensor 2, 2 input streams) against one uninterrupted reference
   reference's losses; a SIGTERM to one of them makes both save the same step and stop; they resume;
 - one process stopped by SIGTERM (preemption) or SIGKILL resumes with the reference's losses;
 - a half-written checkpoint is never used, and a checkpoint resumes on 4 devices and another mesh;
-- a NaN stops the run naming the step and keeps the last good checkpoint.
+- a NaN stops the run naming the step and the last good checkpoint, in one line;
+- after a SIGKILL and a resume, metrics.jsonl holds each step once.
 
 The runs share a persistent compilation cache, so only the first run of each program pays the compile.
 """
@@ -17,7 +18,6 @@ import signal
 import numpy as np
 import pytest
 
-from maejax.checkpoint import Checkpoints
 from maejax.train import PREEMPTED_EXIT_CODE
 from tests import tiny_training as tt
 
@@ -45,14 +45,6 @@ def finish(proc, workdir, timeout=120, rc=0):
     assert proc.wait(timeout=timeout) == rc, open(f"{workdir}.log").read()[-3000:]
 
 
-def steps_saved(workdir):
-    ckpts = Checkpoints(str(workdir / "checkpoints"))
-    try:
-        return ckpts.all_steps()
-    finally:
-        ckpts.close()
-
-
 @pytest.fixture(scope="module")
 def reference(setup):
     workdir, proc = start(setup, "reference")
@@ -70,7 +62,7 @@ def test_uninterrupted_run_reports_and_keeps_the_last_three_checkpoints(setup, r
     workdir = setup[0] / "reference"
     assert sorted(reference) == list(range(1, STEPS + 1))
     assert all(np.isfinite(list(reference.values())))
-    assert steps_saved(workdir) == [6, 8, 10]   # saved every 2 steps, the last 3 kept
+    assert tt.steps_saved(workdir) == [6, 8, 10]   # saved every 2 steps, the last 3 kept
     log = open(f"{workdir}.log").read()
     assert log.index("per-device memory: peak") < log.index("step 1/")   # memory analysis before step 1
     row = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
@@ -87,7 +79,7 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_matches(setup, refer
     assert 3 <= stopped < STEPS
     log = open(f"{workdir}.log").read()
     assert f"Preemption notice: saved the checkpoint of step {stopped} and stopped" in log
-    assert steps_saved(workdir)[-1] == stopped
+    assert tt.steps_saved(workdir)[-1] == stopped
     _, proc = start(setup, "sigterm")  # resume
     finish(proc, workdir)
     assert_same_losses(tt.losses(workdir), reference)
@@ -104,6 +96,9 @@ def test_sigkill_mid_run_then_resume_reproduces_the_losses(setup, reference):
     finish(proc, workdir)
     after = tt.losses(workdir)
     assert_same_losses(after, reference)
+    # Each step once in metrics.jsonl: the rows of the steps after the checkpoint of step 6 were dropped.
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     # Steps done before the kill and again after the resume (same data, same masks) agree.
     assert_same_losses({s: after[s] for s in before_kill}, before_kill)
 
@@ -116,7 +111,7 @@ def test_a_half_written_step_is_ignored_and_the_run_resumes_on_four_devices(setu
     partial = workdir / "checkpoints" / "10.orbax-checkpoint-tmp-1700000000"
     os.rename(workdir / "checkpoints" / "10", partial)
     shutil.rmtree(partial / "optimizer")
-    assert steps_saved(workdir) == [6, 8]
+    assert tt.steps_saved(workdir) == [6, 8]
     _, proc = start(setup, "four-devices", devices=4, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 1})
     finish(proc, workdir)
     assert not partial.exists()   # the trainer's checkpoint manager deleted it
@@ -132,7 +127,9 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(se
     log = open(f"{workdir}.log").read()
     assert rc != 0
     assert "NonFiniteError: non-finite loss or gradient at step 3" in log, log[-3000:]
-    assert steps_saved(workdir) == [1, 2]
+    assert f"the last good checkpoint is step 2 in {workdir / 'checkpoints'}" in log
+    assert "Traceback" not in log   # one line
+    assert tt.steps_saved(workdir) == [1, 2]
     assert not [p for p in os.listdir(workdir / "checkpoints") if "tmp" in p]
 
 

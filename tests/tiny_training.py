@@ -88,3 +88,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def steps_saved(workdir):
+    """The checkpoint steps in <workdir>/checkpoints."""
+    from maejax.checkpoint import Checkpoints
+    ckpts = Checkpoints(str(pathlib.Path(workdir) / "checkpoints"))
+    try:
+        return ckpts.all_steps()
+    finally:
+        ckpts.close()
