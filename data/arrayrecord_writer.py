@@ -5,7 +5,8 @@ A builder (synthetic screen, RxRx1, JUMP, ...) hands `write_dataset` an iterator
 
     crops-00000-of-00008.array_record ...  ArrayRecord shards (group_size:1: random access is one read)
     metadata.parquet                        one row per record, in record_id order
-    manifest.json                           what a reader needs: channels, shape, shards, labels, counts
+    manifest.json                           what a reader needs: channels, shape, shards (with each
+                                            file's size and SHA-256), labels, counts
     annotations/<Source>.txt                ground-truth gene pairs, EFAAR's `entity1,entity2` CSV
 
 Records are dealt round-robin over the shards (record k of the iterator goes to shard k % num_shards),
@@ -90,9 +91,10 @@ def write_dataset(
                                     list(channels))
         if not rows:
             raise ValueError("no examples to write")
+        digests = {f: records.shard_digest(tmp_dir / f) for f in shard_names}
         files = dataset_files(rows, shard_names, shape, name=name, source=source, channels=channels,
                               annotations=annotations, params=params, manifest_extra=manifest_extra,
-                              extra_files=extra_files)
+                              extra_files=extra_files, shard_digests=digests)
         for rel_path, content in files.items():  # manifest last
             path = tmp_dir / rel_path
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,11 +130,15 @@ def dataset_files(
     params: Mapping[str, Any] | None = None,
     manifest_extra: Mapping[str, Any] | None = None,
     extra_files: Mapping[str, str | bytes] | None = None,
+    shard_digests: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, bytes]:
     """Everything of a dataset directory but the shards, as {relative path: bytes}, manifest last.
 
     rows: the metadata rows of all shards (`shard`, `index`, REQUIRED_FIELDS but `channels`, extras),
       in any order; record_id and label are assigned here.
+    shard_digests: {shard file: maejax.records.shard_digest(file)} for every shard: its `bytes` and
+      `sha256` go into the manifest, which readers check (maejax/records.py). Required by every builder;
+      None writes a manifest without them, as older datasets have (readers then call them unverified).
     """
     metadata = _metadata_table(rows)
     perturbations, controls = _label_vocabulary(metadata)
@@ -155,7 +161,7 @@ def dataset_files(
         "channels": list(channels),
         "crop_shape": list(crop_shape),
         "num_records": len(metadata),
-        "shards": [{"file": f, "num_records": int(n)} for f, n in zip(shard_names, shard_sizes)],
+        "shards": [_shard_entry(f, int(n), shard_digests) for f, n in zip(shard_names, shard_sizes)],
         "perturbations": perturbations,
         "controls": controls,
         "experiments": _experiment_counts(metadata),
@@ -165,6 +171,15 @@ def dataset_files(
     }
     files[LAYOUT.manifest] = (json.dumps(manifest, indent=1) + "\n").encode()
     return files
+
+
+def _shard_entry(name: str, num_records: int, digests: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"file": name, "num_records": num_records}
+    if digests is not None:
+        if name not in digests:
+            raise ValueError(f"no size and checksum for shard {name} (shard_digests names {sorted(digests)[:4]})")
+        entry.update(bytes=int(digests[name]["bytes"]), sha256=str(digests[name]["sha256"]))
+    return entry
 
 
 def check_writable(out_dir: Path, overwrite: bool) -> None:

@@ -14,8 +14,10 @@ It runs the same code as the local driver (data/crop_builder.py), so the output 
                plate, under <out>/_plan/) and build.json, so workers never get the site list inline
     levels     one element per plate -> `plate_levels` -> conversion.json (16-bit sources only)
     shards     one element per unfinished shard -> `build_shard` in a local temporary folder ->
-               copied to <out> (ArrayRecord file first, then `_shards/<shard>.parquet`, the marker)
-    finish     metadata table and manifest (written last), plan and markers removed
+               copied to <out> (ArrayRecord file first, its size and SHA-256 in
+               `_shards/<shard>.digest.json`, then `_shards/<shard>.parquet`, the marker)
+    finish     metadata table and manifest (written last, with every shard's size and SHA-256), plan
+               and markers removed
 
 `--out` may be any Beam filesystem path (local, gs://, s3://, hdfs://); source tables are read by the
 launcher and images by the workers, so both need the source on a shared mount (or image paths that
@@ -25,6 +27,7 @@ finished shards are skipped. apache-beam is optional: `pip install apache-beam` 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import io
 import json
@@ -42,7 +45,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from data import conversion, crop_builder
-from data.crop_builder import BAD_SITES_FILE, SHARD_DIR, SPEC_FILE, BuildError, BuildOptions, Plan, Source
+from data.crop_builder import (BAD_SITES_FILE, DIGEST_SUFFIX, SHARD_DIR, SPEC_FILE, BuildError, BuildOptions, Plan,
+                               Source)
 from data.sources import cli
 from maejax.records import LAYOUT
 
@@ -81,6 +85,15 @@ class Store:
         with open(local, "rb") as src, FileSystems.create(path, compression_type=_RAW) as dst:
             while chunk := src.read(64 << 20):
                 dst.write(chunk)
+
+    def digest(self, rel: str) -> dict[str, Any]:
+        """maejax.records.shard_digest of a stored file, streamed."""
+        digest, size = hashlib.sha256(), 0
+        with FileSystems.open(self.path(rel), compression_type=_RAW) as f:
+            while chunk := f.read(8 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+        return {"bytes": size, "sha256": digest.hexdigest()}
 
     def delete(self, *rels: str) -> None:
         present = [self.path(r) for r in rels if self.exists(r)]
@@ -144,6 +157,8 @@ class _BuildShard(beam.DoFn):
             if result.kept:
                 store.put(local / name, name)
             store.put(local / SHARD_DIR / f"{name}.bad.json", f"{SHARD_DIR}/{name}.bad.json")
+            if result.kept:
+                store.put(local / SHARD_DIR / f"{name}{DIGEST_SUFFIX}", f"{SHARD_DIR}/{name}{DIGEST_SUFFIX}")
             if result.kept:  # the marker, last
                 store.put(local / SHARD_DIR / f"{name}.parquet", f"{SHARD_DIR}/{name}.parquet")
         yield result
@@ -159,7 +174,10 @@ def _finish(results: list, out: str, plan: Plan, options: BuildOptions) -> int:
     tables = [pd.read_parquet(io.BytesIO(store.read(f"{SHARD_DIR}/{n}.parquet"))) for n in plan.shard_names]
     skipped = [b for n in plan.shard_names for b in json.loads(store.read(f"{SHARD_DIR}/{n}.bad.json"))]
     levels = store.read(conversion.LEVELS_FILE) if plan.converted else None
-    for rel, content in crop_builder.finished_files(plan, options, tables, skipped, levels, out).items():
+    digests = {n: (json.loads(store.read(f"{SHARD_DIR}/{n}{DIGEST_SUFFIX}"))
+                   if store.exists(f"{SHARD_DIR}/{n}{DIGEST_SUFFIX}") else store.digest(n))  # older resumed build
+               for n in plan.shard_names}
+    for rel, content in crop_builder.finished_files(plan, options, tables, skipped, levels, out, digests).items():
         store.write(rel, content)  # manifest last
     store.delete(SHARD_DIR, PLAN_DIR, SPEC_FILE, BAD_SITES_FILE)
     return sum(len(t) for t in tables)

@@ -5,7 +5,8 @@
     probe   the first readable site fixes the site format: image size and each channel's dtype
     levels  channels that are not uint8: per-plate conversion levels (data/conversion.py)
     shards  one task per shard, across worker processes: read and check every site, convert,
-            crop (data/cropping.py), write (data/arrayrecord_writer.write_shard)
+            crop (data/cropping.py), write (data/arrayrecord_writer.write_shard), then the shard's
+            size and SHA-256 (`_shards/<shard file>.digest.json`, for the manifest)
     finish  metadata table + manifest (arrayrecord_writer.dataset_files); rename into place
 
 The build runs in `.<out name>.build/` next to `out`. A shard is finished once its metadata rows
@@ -19,6 +20,11 @@ listed in the manifest (`skipped_sites`).
 
 Deterministic from the seed: random crops use a generator keyed by (seed, site), conversion samples
 one keyed by (seed, plate), so the shards are byte-identical for any number of workers.
+
+Workers die with the build: each worker process asks the kernel for SIGKILL when its parent dies
+(Linux `prctl(PR_SET_PDEATHSIG)`; a thread polling `os.getppid()` elsewhere), so a build whose parent
+is killed (even by SIGKILL, which runs no clean-up) leaves no worker writing into the build folder,
+and multiprocessing's resource tracker, which exits once no process holds its pipe, goes with them.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import multiprocessing
 import os
 import queue
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -41,15 +48,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data import conversion
+from data import conversion, workers as workers_lib
 from data.arrayrecord_writer import check_writable, dataset_files, shard_file_names, write_shard
 from data.conversion import ConversionRule
 from data.cropping import CropSpec
 from data.progress import Progress
 from data.sites import Site, SiteFormat, keyed_rng, read_site
+from maejax import records
 
 SPEC_FILE = "build.json"
 SHARD_DIR = "_shards"
+DIGEST_SUFFIX = ".digest.json"   # _shards/<shard file>.digest.json: {"bytes", "sha256"} of a finished shard
 BAD_SITES_FILE = "bad_sites.json"
 PROBE_SITES = 20       # sites tried to find a readable one that fixes the format
 SUMMARY_LINES = 40     # bad files printed in a failure summary; all go to BAD_SITES_FILE
@@ -205,8 +214,9 @@ def build_dataset(source: Source, out_dir: str | os.PathLike, options: BuildOpti
     skipped = [b for name in plan.shard_names
                for b in json.loads((work_dir / SHARD_DIR / f"{name}.bad.json").read_text())]
     levels_file = work_dir / conversion.LEVELS_FILE
+    digests = {name: _local_digest(work_dir, name) for name in plan.shard_names}
     files = finished_files(plan, options, tables, skipped, levels_file.read_bytes() if levels_file.exists() else None,
-                           where=str(work_dir))
+                           where=str(work_dir), digests=digests)
     for rel_path, content in files.items():  # manifest last
         (work_dir / rel_path).parent.mkdir(parents=True, exist_ok=True)
         (work_dir / rel_path).write_bytes(content)
@@ -281,6 +291,7 @@ def build_shard(task: ShardTask, report: Callable[..., None] = lambda n, **notes
         tmp_path.unlink()
         return ShardResult(task.shard, kept=False, num_records=0, bad_sites=bad)
     os.replace(tmp_path, work_dir / name)
+    _write_json(work_dir / SHARD_DIR / f"{name}{DIGEST_SUFFIX}", records.shard_digest(work_dir / name))
     marker = work_dir / SHARD_DIR / f"{name}.parquet"
     pd.DataFrame(rows).to_parquet(marker.with_suffix(".tmp"), index=False)
     os.replace(marker.with_suffix(".tmp"), marker)  # the shard is finished from here on
@@ -371,9 +382,16 @@ def _levels_for(levels: dict, sites: Sequence[Site]) -> dict:
     return {key: levels[key] for key in {s.plate_key for s in sites} if key in levels}
 
 
+def _local_digest(work_dir: Path, name: str) -> dict[str, Any]:
+    """A finished shard's size and SHA-256 (hashed now when an older build, being resumed, did not record it)."""
+    path = work_dir / SHARD_DIR / f"{name}{DIGEST_SUFFIX}"
+    return json.loads(path.read_text()) if path.exists() else records.shard_digest(work_dir / name)
+
+
 def finished_files(plan: Plan, options: BuildOptions, tables: list[pd.DataFrame], skipped: list[dict],
-                   levels: bytes | None, where: str) -> dict[str, bytes]:
-    """Metadata table, manifest and conversion.json from the shards' metadata rows and bad-site lists."""
+                   levels: bytes | None, where: str, digests: dict[str, dict] | None = None) -> dict[str, bytes]:
+    """Metadata table, manifest and conversion.json from the shards' metadata rows, bad-site lists and
+    sizes and checksums ({shard file: {"bytes", "sha256"}})."""
     filled = [t for t in tables if len(t)]
     if not filled:
         raise BuildError(f"{where}: every site was skipped; no crops to write")
@@ -396,7 +414,8 @@ def finished_files(plan: Plan, options: BuildOptions, tables: list[pd.DataFrame]
     return dataset_files(pd.concat(filled, ignore_index=True), plan.shard_names,
                          (len(channels), options.crop.size, options.crop.size), name=options.name or spec["kind"],
                          source=spec["module"], channels=channels, params=params, manifest_extra=manifest_extra,
-                         extra_files={conversion.LEVELS_FILE: levels} if levels is not None else None)
+                         extra_files={conversion.LEVELS_FILE: levels} if levels is not None else None,
+                         shard_digests=digests)
 
 
 def check_same_build(previous: dict, spec: dict, where: str) -> None:
@@ -455,6 +474,7 @@ class _Workers:
 
     Spawned, not forked: callers may have started jax or threads, which do not survive a fork.
     Workers send (units done, notes) over a queue; the parent drains it into the progress bar.
+    Every worker dies with the process that started it (data.workers).
     """
 
     def __init__(self, workers: int):
@@ -463,10 +483,8 @@ class _Workers:
 
     def __enter__(self):
         if self.workers > 1:
-            context = multiprocessing.get_context("spawn")
-            self.queue = context.Queue()
-            self.pool = futures.ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker,
-                                                    initargs=(self.queue,))
+            self.queue = multiprocessing.get_context("spawn").Queue()
+            self.pool = workers_lib.spawn_pool(self.workers, _init_worker, (self.queue,))
         return self
 
     def __exit__(self, *exc):

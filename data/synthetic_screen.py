@@ -34,11 +34,9 @@ import io
 import itertools
 import json
 import math
-import multiprocessing
 import string
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +44,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from data import cell_renderer
+from data import cell_renderer, workers as workers_lib
 from data.arrayrecord_writer import write_dataset
 
 VERSION = 2
 CONTROL_LABEL = "non-targeting"
-MIN_CHUNKS_PER_WORKER = 8
 CHUNK_SITES = 32  # sites rendered together; fixed, so the output never depends on memory settings
 PLATE_ROWS, PLATE_COLS = 16, 24  # 384-well plates
 FAMILIES = ("intensity", "morphology", "relocalisation", "subpopulation", "spatial", "colocalisation")
@@ -458,13 +455,11 @@ def rendered_chunks(cfg: ScreenConfig, biology: Biology, acq: Acquisition, sites
     """
     render = functools.partial(_render_chunk_at, cfg=cfg, biology=biology, acq=acq, sites=sites)
     starts = range(0, len(sites), CHUNK_SITES)
-    # A spawned worker costs seconds to start: each must get at least MIN_CHUNKS_PER_WORKER chunks.
-    workers = min(workers, len(starts) // MIN_CHUNKS_PER_WORKER)
+    workers = workers_lib.pool_size(workers, len(starts))
     if workers <= 1:
         yield from ((start, *render(start)) for start in starts)
         return
-    # Spawned, not forked: callers may have started jax, which does not survive a fork.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with workers_lib.spawn_pool(workers) as pool:
         pending = collections.deque()
         for start in starts:
             pending.append((start, pool.submit(render, start)))

@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import multiprocessing
 import os
 import warnings
 from collections.abc import Sequence
@@ -84,6 +83,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
+
+from data import workers as workers_lib
 
 COMPARTMENTS = ("Nuclei", "Cells", "Cytoplasm", "Image")   # Image: all of a crop's cells as one object
 # family -> compartments it is measured on. Shape families run once per compartment, channel families
@@ -122,7 +123,6 @@ BATCH = 16   # crops per mosaic
 GAP = 4      # zero pixels around every tile: > every operation's reach (granularity top-hat 3, seed window 3)
 WORKERS = 2
 DEFAULT_CROPS_PER_WELL = 1
-MIN_CHUNKS_PER_WORKER = 8
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -515,12 +515,10 @@ def cellprofiler_features(images: np.ndarray, channels: Sequence[str], *,
     names = feature_names(channels)
     plan = _plan()
     chunks = [(images[i:i + BATCH], channels, names, plan) for i in range(0, len(images), BATCH)]
-    # A spawned worker costs seconds to start: each must get at least MIN_CHUNKS_PER_WORKER chunks.
-    workers = min(workers, len(chunks) // MIN_CHUNKS_PER_WORKER, os.cpu_count() or 1)
+    workers = workers_lib.pool_size(workers, len(chunks))
     if workers > 1:
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=_worker_init) as pool:
-            parts = pool.map(_measure_chunk, chunks, chunksize=1)
+        with workers_lib.spawn_pool(workers, _worker_init) as pool:
+            parts = list(pool.map(_measure_chunk, chunks))
     else:
         parts = [_measure_chunk(c) for c in chunks]
     feats = np.concatenate(parts) if parts else np.zeros((0, len(names)))

@@ -177,6 +177,21 @@ def non_replicate_pair_cosines(features: np.ndarray, perturbations, num_pairs: i
     return np.concatenate(found)[:num_pairs]
 
 
+def no_replicate_pairs(perturbations: np.ndarray, replicates: np.ndarray | None) -> str:
+    """What is wrong when no perturbation has two profiles to compare (the message says which case)."""
+    perts = np.asarray(perturbations)
+    if len(perts) == 0:
+        return "replicate consistency: no rows left after dropping the controls"
+    rows = int(pd.Series(perts).value_counts().max())
+    if replicates is None or rows < 2:
+        return f"replicate consistency: no perturbation has two or more rows (at most {rows})"
+    units = pd.unique(np.asarray(replicates))
+    return (f"replicate consistency compares each perturbation's profiles across replicate units, but every "
+            f"perturbation occurs in only one unit ({len(units)} unit(s) in the data: {units[:5].tolist()}; "
+            f"perturbations have up to {rows} rows each); use a replicate unit that varies within a "
+            f"perturbation (e.g. plates or experiments, or one unit per row)")
+
+
 def replicate_consistency(features: np.ndarray, perturbations, replicates=None, drop: Sequence = (),
                           null_pairs: int | None = None, seed: int = 0) -> dict:
     """KS and Cramer-von Mises statistics of replicate-pair cosines vs non-replicate-pair cosines.
@@ -193,7 +208,7 @@ def replicate_consistency(features: np.ndarray, perturbations, replicates=None, 
     reps = None if replicates is None else np.asarray(replicates)[keep]
     rep = replicate_pair_cosines(x, labels[keep], reps)
     if len(rep) == 0:
-        raise ValueError("no perturbation has two replicate profiles")
+        raise ValueError(no_replicate_pairs(labels[keep], reps))
     null = non_replicate_pair_cosines(x, labels[keep], null_pairs or max(len(rep), 10_000), reps, seed)
     ks = stats.ks_2samp(rep, null)
     cvm = stats.cramervonmises_2samp(rep, null)

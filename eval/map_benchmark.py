@@ -121,18 +121,22 @@ def _negative_controls(arg: str | None) -> list[str] | None:
 def evaluate_map(features: np.ndarray, perturbations, control, batches, annotations, *,
                  pca_components=128, pca_batches=None, correction: str = "tvn", method: str = "mean",
                  drop: Sequence = (), sources=None, thresholds=recall.RECALL_THRESHOLDS,
-                 negative_controls: Sequence | None = None, seed: int = 0):
+                 negative_controls: Sequence | None = None, seed: int = 0, replicates=None):
     """Map + benchmarks for one set of embeddings (e.g. one transformer block).
 
     Returns ({"recall": [...], "consistency": {...}}, the PerturbationMap, the similarities used
     for recall, e.g. to plot). The consistency null is `negative_controls` when given (EFAAR),
-    otherwise random groups of rows; replicate consistency uses the batches as replicate units.
+    otherwise random groups of rows; replicate consistency uses `replicates` (default: the batches)
+    as replicate units. The relationship tables are checked against the map's perturbations first,
+    so a bad table fails before any computing.
     """
     perts = np.asarray(perturbations)
+    dropped = [control, *drop]
+    kept = perts[~pd.Index(perts).isin(dropped)]
+    recall.known_pair_positions(np.unique(kept.astype(str)), annotations, sources)
     pmap = efaar.build_map(features, perts, control, batches, pca_components=pca_components,
                            pca_batches=pca_batches, correction=correction, method=method, drop=drop)
     sims = recall.relationship_similarities(pmap.features, pmap.labels, annotations, sources)
-    dropped = [control, *drop]
     if negative_controls:
         table = consistency.perturbation_consistency(pmap.embeddings, perts, negative_controls,
                                                      drop=dropped)
@@ -142,10 +146,32 @@ def evaluate_map(features: np.ndarray, perturbations, control, batches, annotati
     summary = {
         "perturbation_consistency": {"null": "negative_controls" if negative_controls else "random_groups",
                                      **consistency.consistency_summary(table)},
-        "replicate_consistency": consistency.replicate_consistency(pmap.embeddings, perts, batches,
-                                                                   drop=dropped, seed=seed),
+        "replicate_consistency": consistency.replicate_consistency(
+            pmap.embeddings, perts, batches if replicates is None else replicates, drop=dropped, seed=seed),
     }
     return {"recall": recall.recall_table(sims, thresholds), "consistency": summary}, pmap, sims
+
+
+def _check_replicates(meta: pd.DataFrame, perts: np.ndarray, replicates: np.ndarray, dropped: Sequence[str],
+                      column: str, args: argparse.Namespace) -> None:
+    """Replicate consistency compares a perturbation's profiles across values of the replicate column
+    (default --batch_col). When every perturbation has a single value there (e.g. a one-batch screen)
+    nothing can be compared: say so before any work, with the columns that would do."""
+    keep = ~pd.Index(perts).isin(list(dropped))
+    per_pert = pd.Series(replicates[keep]).groupby(perts[keep]).nunique()
+    if len(per_pert) == 0 or per_pert.max() >= 2:
+        return
+    rows = int(pd.Series(perts[keep]).value_counts().max())
+    values = pd.unique(replicates)
+    usable = [c for c in meta.columns if c not in (args.perturbation_col, column)
+              and meta.loc[keep, c].groupby(perts[keep]).nunique().max() >= 2][:4]
+    hint = (f"columns that vary within a perturbation here: {usable}" if usable
+            else "add a column that does (e.g. plate, or a row id to treat every row as a replicate)")
+    flag = "--replicate_col" if args.replicate_col else "--replicate_col (default: --batch_col)"
+    raise ValueError(f"{args.features}: replicate consistency compares each perturbation's profiles across "
+                     f"values of {flag} {column!r}, but every perturbation has one value there ({len(values)} in "
+                     f"the data: {values[:5].tolist()}), although perturbations have up to {rows} rows; pass "
+                     f"--replicate_col COLUMN; {hint}")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -161,6 +187,9 @@ def run(args: argparse.Namespace) -> dict:
         examples = pd.unique(perts)[:10].tolist()
         raise ValueError(f"{args.features}: control {args.control!r} does not occur in column "
                          f"{args.perturbation_col!r} (values include {examples})")
+    replicate_col = args.replicate_col or args.batch_col
+    replicates = _check_column(meta, replicate_col, "--replicate_col", args.features)
+    _check_replicates(meta, perts, replicates, [args.control, *args.drop], replicate_col, args)
     thresholds = _parse_thresholds(args.thresholds)
     load_s = time.perf_counter() - t
 
@@ -169,8 +198,8 @@ def run(args: argparse.Namespace) -> dict:
         features, perts, args.control, batches, args.annotations, pca_components=args.pca_components,
         pca_batches=pca_batches, correction=args.correction, method=args.aggregate, drop=args.drop,
         sources=args.sources, thresholds=thresholds,
-        negative_controls=_negative_controls(args.negative_controls), seed=args.seed)
-    report["consistency"]["replicate_consistency"]["replicates"] = args.batch_col
+        negative_controls=_negative_controls(args.negative_controls), seed=args.seed, replicates=replicates)
+    report["consistency"]["replicate_consistency"]["replicates"] = replicate_col
     report["map"] = {"rows": int(len(features)), "features": int(features.shape[1]),
                      "dims": int(pmap.features.shape[1]), "perturbations": int(len(pmap.labels)),
                      "control_rows": int((perts == args.control).sum()),
@@ -201,6 +230,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", nargs="+", default=None, help="default: every table in --annotations")
     p.add_argument("--plot", default=None, help="PNG of the similarity distributions")
     p.add_argument("--pca_batch_col", default=None, help="batch for the pre-PCA scaling (default --batch_col)")
+    p.add_argument("--replicate_col", default=None,
+                   help="replicate unit of the replicate consistency (default --batch_col); a perturbation's "
+                        "profiles are compared across its values, so it must vary within a perturbation")
     p.add_argument("--drop", nargs="+", default=[], help="more perturbation labels to leave out of the map")
     p.add_argument("--negative_controls", default=None,
                    help="comma list or file of perturbations forming the consistency null "

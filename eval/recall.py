@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -28,36 +29,94 @@ ROW_BLOCK = 2048  # rows of the cosine matrix computed at once: 2048 x 20k float
 
 
 # --- relationship tables ------------------------------------------------------------------------
+#
+# Every reader of relationship tables (eval.map_benchmark, eval.job through eval.screen, the bootstrap)
+# comes through `discover_sources` / `load_relationships` / `known_pair_positions`, so a bad folder or
+# table is the same one-line ValueError everywhere: a missing or empty folder, a folder with no table,
+# a table-like file whose header is not entity1,entity2, a table with no pair, a table none of whose
+# genes is in the map, and a map in which no table has a known pair (which would report no recall).
 
-def _is_relationship_table(path: Path) -> bool:
+ANNOTATIONS_HINT = ("<Source>.txt CSV files whose first line is 'entity1,entity2' "
+                    "(as in ../shared/reference/efaar_annotations)")
+_HEADER_FIELD = re.compile(r"^[\w.:\-]+$")
+
+
+def _first_line(path: Path) -> str:
     with open(path, encoding="utf-8-sig", errors="replace") as f:
-        header = f.readline()
-    return tuple(c.strip() for c in header.split(",")) == TABLE_HEADER
+        return f.readline().rstrip("\r\n")
+
+
+def _header_fields(header: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in header.split(","))
+
+
+def _looks_like_a_table(header: str) -> bool:
+    """A header of delimited column names (so a file meant as a table), unlike a line of prose."""
+    fields = [f.strip() for f in re.split(r"[,\t;]", header)]
+    return len(fields) >= 2 and all(_HEADER_FIELD.match(f) for f in fields)
+
+
+def _wrong_header(path: Path, header: str) -> str:
+    return (f"{path}: expected the header 'entity1,entity2', found {header[:80]!r}; rename its columns to "
+            f"entity1,entity2 (comma-separated) or move the file out of {path.parent}")
 
 
 def discover_sources(annotation_dir: str | os.PathLike) -> list[str]:
-    """Names of the relationship tables in a folder: every `*.txt` whose header is entity1,entity2."""
+    """Names of the relationship tables in a folder: every `*.txt` whose header is entity1,entity2.
+
+    `*.txt` files of prose (a README) are not tables and are skipped; a `*.txt` with a delimited header
+    of other column names is an error (a table that would otherwise be silently left out), and so is a
+    folder without any table."""
     folder = Path(annotation_dir)
+    if not folder.exists():
+        raise ValueError(f"annotation folder {folder} does not exist; pass a folder of {ANNOTATIONS_HINT}")
     if not folder.is_dir():
-        raise ValueError(f"annotation folder {folder} does not exist")
-    return sorted(p.stem for p in folder.glob("*.txt") if _is_relationship_table(p))
+        raise ValueError(f"annotation folder {folder} is a file, not a folder; pass the folder holding the "
+                         f"relationship tables ({ANNOTATIONS_HINT})")
+    names = []
+    for path in sorted(folder.glob("*.txt")):
+        header = _first_line(path)
+        if _header_fields(header) == TABLE_HEADER:
+            names.append(path.stem)
+        elif _looks_like_a_table(header):
+            raise ValueError(_wrong_header(path, header))
+        # else prose (a README): not a table
+    if not names:
+        files = sorted(p.name for p in folder.iterdir())
+        found = (f"it holds {', '.join(files[:6])}{' ...' if len(files) > 6 else ''}" if files
+                 else "it is empty")
+        raise ValueError(f"annotation folder {folder} holds no relationship table ({found}); expected "
+                         f"{ANNOTATIONS_HINT}")
+    return names
 
 
 @functools.lru_cache(maxsize=64)
 def _parse_table(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     del mtime_ns, size  # cache key only: a rewritten file is parsed again
+    header = _first_line(Path(path))
+    if _header_fields(header) != TABLE_HEADER:
+        raise ValueError(_wrong_header(Path(path), header) if header.strip() else
+                         f"{path}: empty file; a relationship table starts with the header 'entity1,entity2'")
     # Plain strings: no NA parsing, so a symbol that pandas would read as NaN stays a symbol.
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skipinitialspace=True,
-                     encoding="utf-8-sig")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skipinitialspace=True,
+                         encoding="utf-8-sig")
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable CSV ({' '.join(str(e).split())})") from e
     df.columns = [str(c).strip() for c in df.columns]
     if tuple(df.columns[:2]) != TABLE_HEADER or df.shape[1] != 2:
         raise ValueError(f"{path}: expected a 2-column CSV with header 'entity1,entity2', "
                          f"got columns {list(df.columns)}")
+    if df.empty:
+        raise ValueError(f"{path}: no gene pairs, only the header; fill the table or remove it from "
+                         f"{Path(path).parent}")
     a = df["entity1"].to_numpy(dtype=str)
     b = df["entity2"].to_numpy(dtype=str)
     # Undirected: order each pair (code-point order, as Python's sorted), drop self-pairs and dups.
     first, second = np.where(a <= b, a, b), np.where(a <= b, b, a)
     keep = first != second
+    if not keep.any():
+        raise ValueError(f"{path}: no gene pairs, every one of its {len(df)} rows pairs a gene with itself")
     pairs = pd.DataFrame({"e1": first[keep], "e2": second[keep]}).drop_duplicates()
     return pairs["e1"].to_numpy(), pairs["e2"].to_numpy()
 
@@ -67,9 +126,14 @@ def load_relationships(annotation_dir: str | os.PathLike, source: str) -> tuple[
 
     Parsed once per process and file version (cache keyed by path, mtime and size).
     """
-    path = Path(annotation_dir) / f"{source}.txt"
+    folder = Path(annotation_dir)
+    if not folder.is_dir():
+        discover_sources(folder)   # raises the folder's error
+    path = folder / f"{source}.txt"
     if not path.is_file():
-        raise ValueError(f"relationship table {path} not found (source {source!r})")
+        present = sorted(p.stem for p in folder.glob("*.txt"))
+        raise ValueError(f"relationship table {path} not found (source {source!r}; the folder has "
+                         f"{present[:8] or 'no .txt file'})")
     st = path.stat()
     return _parse_table(str(path.resolve()), st.st_mtime_ns, st.st_size)
 
@@ -137,8 +201,9 @@ def relationship_similarities(features: np.ndarray, labels: Sequence, annotation
         raise ValueError(f"features {features.shape} and labels ({len(labels)}) do not match")
     if len(features) < 2:
         raise ValueError(f"a map needs at least 2 perturbations, got {len(features)}")
+    positions = known_pair_positions(labels, annotation_dir, sources)   # table errors before the null's work
     null = upper_triangle_cosines(features)
-    queries = {name: null[pos] for name, pos in known_pair_positions(labels, annotation_dir, sources).items()}
+    queries = {name: null[pos] for name, pos in positions.items()}
     null.sort()
     return RelationshipSimilarities(null, queries)
 
@@ -146,17 +211,28 @@ def relationship_similarities(features: np.ndarray, labels: Sequence, annotation
 def known_pair_positions(labels: Sequence, annotation_dir, sources: Iterable[str] | None = None
                          ) -> dict[str, np.ndarray]:
     """Per source, the positions in the upper-triangle null (`upper_triangle_cosines` order) of its known
-    pairs found in a map with these (unique) row labels, in table order. A source with no pair in the
-    map is left out, as EFAAR drops it."""
+    pairs found in a map with these (unique) row labels, in table order. A source with genes in the map
+    but no pair of them is left out, as EFAAR drops it; a table none of whose genes is in the map is an
+    error (it almost always means other gene identifiers), and so is a map where no table has a pair."""
     index = _map_index(labels)
     names = discover_sources(annotation_dir) if sources is None else list(sources)
     out = {}
     for name in names:
         e1, e2 = load_relationships(annotation_dir, name)
         i, j = index.get_indexer(e1), index.get_indexer(e2)
+        if not ((i >= 0).any() or (j >= 0).any()):
+            table_genes = pd.unique(np.concatenate([e1[:5], e2[:5]]))[:5].tolist()
+            raise ValueError(
+                f"{Path(annotation_dir) / f'{name}.txt'}: none of its genes is in the map (map: "
+                f"{index[:5].tolist()}{' ...' if len(index) > 5 else ''}; table: {table_genes} ...); use the "
+                f"same gene identifiers (symbols, case) in both, or leave this table out")
         found = (i >= 0) & (j >= 0)
         if found.any():
             out[name] = pair_positions(i[found], j[found], len(index))
+    if not out and names:
+        raise ValueError(f"no known pair of {names[:5]} (in {annotation_dir}) has both genes among the map's "
+                         f"{len(index)} perturbations, so there is no recall to report; use tables about "
+                         f"this screen's genes")
     return out
 
 

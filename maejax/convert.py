@@ -2,6 +2,10 @@
 
   python -m maejax.convert openphenom --weights model.safetensors --out runs/openphenom
 
+`--weights` may also be the Hugging Face snapshot folder holding `model.safetensors`. A file that cannot
+be read (empty, truncated, random bytes, a damaged header, a tensor missing) is a one-line error that
+names it and says what is wrong, with exit status 2 and nothing written.
+
 OpenPhenom / maes_microscopy (CA-MAE, timm `ParallelScalingBlock`) -> a `ca_mae` model with parallel
 blocks, written as a normal checkpoint directory (orbax, step 0, its config in `meta` and in
 `config.json`) that `maejax.state.load_model(DIR)` restores and `eval.embed_arrays` embeds with.
@@ -23,6 +27,8 @@ import argparse
 import json
 import os
 import re
+import struct
+import sys
 from typing import Any
 
 import jax.numpy as jnp
@@ -38,6 +44,8 @@ from maejax.models.layers import sincos_2d
 from maejax.models.vit import VARIANTS
 
 TORCH_ZIP_MAGIC = b"PK\x03\x04"
+HF_WEIGHTS_NAME = "model.safetensors"        # the file in a Hugging Face snapshot folder
+REDOWNLOAD = "download or copy it again"
 ENCODER_PREFIXES = ("encoder.vit_backbone.", "vit_backbone.")
 DECODER_PREFIXES = ("decoder.", "encoder_decoder_proj.", "decoder_pred.")
 OPENPHENOM_LAYERSCALE_INIT = 1e-4    # timm init_values of the OpenPhenom encoder (only an initial value)
@@ -51,10 +59,27 @@ class ConversionError(ValueError):
 # Reading
 # --------------------------------------------------------------------------------------------------------
 
+def weights_file(path: str) -> str:
+    """The weights file `--weights` names: the file itself, or `model.safetensors` in a snapshot folder."""
+    if os.path.isdir(path):
+        inside = os.path.join(path, HF_WEIGHTS_NAME)
+        if not os.path.isfile(inside):
+            names = sorted(os.listdir(path))
+            listing = f"it holds {names[:6]}{' ...' if len(names) > 6 else ''}" if names else "it is empty"
+            raise ConversionError(f"{path}: a directory without {HF_WEIGHTS_NAME} ({listing}); pass the weights "
+                                  f"file itself, or the Hugging Face snapshot folder that holds {HF_WEIGHTS_NAME}")
+        return inside
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    return path
+
+
 def sniff_format(path: str) -> str:
     """"torch" or "safetensors", from the file's first bytes."""
     with open(path, "rb") as f:
         head = f.read(9)
+    if not head:
+        raise ConversionError(f"{path}: empty file (0 bytes), not model weights; {REDOWNLOAD}")
     if head[:4] == TORCH_ZIP_MAGIC:
         return "torch"
     if len(head) == 9 and head[8:9] == b"{":
@@ -65,12 +90,10 @@ def sniff_format(path: str) -> str:
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """All tensors of a torch zip pickle (optionally wrapped in {"state_dict": ...}) or safetensors file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path} does not exist")
+    path = weights_file(path)
     fmt = sniff_format(path)
     if fmt == "safetensors":
-        from safetensors.numpy import load_file
-        return dict(load_file(path))
+        return read_safetensors(path)
     try:
         import torch
     except ImportError:
@@ -87,6 +110,48 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         raise ConversionError(f"{path}: expected a state dict (or {{'state_dict': ...}}), got {type(obj).__name__}")
     return {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) or v.dtype.kind == "V"
                 else v) for k, v in obj.items() if isinstance(v, np.ndarray)}
+
+
+def check_safetensors(path: str) -> dict[str, Any]:
+    """The JSON header of a safetensors file, after checking that the file holds everything it lists
+    (safetensors' own errors, e.g. `incomplete metadata`, never name the file)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ConversionError(f"{path}: {size} bytes, too short for safetensors (an 8-byte header length "
+                                  f"comes first); {REDOWNLOAD}")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise ConversionError(f"{path}: truncated or not safetensors: its first 8 bytes announce a "
+                                  f"{length}-byte header, the file has {size - 8} bytes after them; {REDOWNLOAD}")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError(f"a JSON {type(header).__name__}, not an object")
+        ends = {k: int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise ConversionError(f"{path}: damaged safetensors header ({' '.join(str(e).split())[:120]}); "
+                              f"{REDOWNLOAD}") from None
+    data = size - 8 - length
+    if ends and max(ends.values()) > data:
+        name = max(ends, key=ends.get)
+        raise ConversionError(f"{path}: truncated safetensors file: {size} bytes, its header lists tensors "
+                              f"up to byte {8 + length + ends[name]} (tensor {name!r} ends past the end of the "
+                              f"file); {REDOWNLOAD}")
+    return header
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    check_safetensors(path)
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        return dict(load_file(path))
+    except SafetensorError as e:   # what the header check above does not see
+        raise ConversionError(f"{path}: unreadable safetensors file ({' '.join(str(e).split())}); "
+                              f"{REDOWNLOAD}") from None
 
 
 def _numpy_tensors(obj, torch):
@@ -124,17 +189,19 @@ def split_state_dict(sd: dict[str, np.ndarray], where: str) -> tuple[dict, dict]
 
 def _take(sd: dict[str, np.ndarray], key: str, where: str, shape: tuple | None = None) -> np.ndarray:
     if key not in sd:
-        raise ConversionError(f"{where}: tensor {key!r} is missing")
+        raise ConversionError(f"{where}: tensor {key!r} is missing (an incomplete file, or not an OpenPhenom "
+                              f"CA-MAE); {REDOWNLOAD} or pass the full model file")
     value = np.asarray(sd[key], np.float32)
     if shape is not None and value.shape != tuple(shape):
         raise ConversionError(f"{where}: tensor {key!r} has shape {value.shape}, expected {tuple(shape)}")
     return value
 
 
-def _indices(sd: dict, pattern: str) -> list[int]:
+def _indices(sd: dict, pattern: str, where: str) -> list[int]:
     found = sorted({int(m.group(1)) for k in sd if (m := re.match(pattern, k))})
     if found != list(range(len(found))):
-        raise ConversionError(f"non-contiguous indices {found} for {pattern!r}")
+        missing = sorted(set(range(max(found) + 1)) - set(found))
+        raise ConversionError(f"{where}: tensors {pattern!r} have indices {found[:12]}, {missing[:6]} missing")
     return found
 
 
@@ -157,7 +224,7 @@ def tokens_per_channel(pos: np.ndarray, width: int, where: str) -> tuple[int, in
 
 def encoder_dims(enc: dict[str, np.ndarray], where: str) -> dict[str, int]:
     d = _take(enc, "cls_token", where).shape[-1]
-    depth = len(_indices(enc, r"blocks\.(\d+)\.in_proj\.weight$"))
+    depth = len(_indices(enc, r"blocks\.(\d+)\.in_proj\.weight$", where))
     if depth == 0:
         raise ConversionError(f"{where}: no `blocks.N.in_proj.weight`: not a ParallelScalingBlock encoder")
     head_dim = _take(enc, "blocks.0.q_norm.weight", where).shape[0]
@@ -223,8 +290,8 @@ def encoder_params(enc: dict[str, np.ndarray], dims: dict[str, int], where: str)
 
 def decoder_dims(dec: dict[str, np.ndarray], where: str) -> dict[str, int]:
     return dict(width=_take(dec, "decoder.mask_token", where).shape[-1],
-                channels=len(_indices(dec, r"decoder\.modality_tokens\.(\d+)$")),
-                depth=len(_indices(dec, r"decoder\.decoders\.0\.(\d+)\.norm1\.weight$")))
+                channels=len(_indices(dec, r"decoder\.modality_tokens\.(\d+)$", where)),
+                depth=len(_indices(dec, r"decoder\.decoders\.0\.(\d+)\.norm1\.weight$", where)))
 
 
 def decoder_params(dec: dict[str, np.ndarray], dims: dict[str, int], enc_width: int, patch: int, grid: int,
@@ -342,6 +409,7 @@ def convert_openphenom(weights: str, out: str, *, in_channels: int = 6, decoder:
 
     `decoder=False` converts the encoder alone even when the file holds a decoder. Returns the config.
     """
+    weights = weights_file(weights)
     sd = read_state_dict(weights)
     enc, dec = split_state_dict(sd, weights)
     enc_dims = encoder_dims(enc, weights)
@@ -397,7 +465,7 @@ def save_converted(out: str, model: nnx.Module, meta: dict[str, Any]) -> None:
         json.dump(meta["config"], f, indent=2)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maejax.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="source", required=True)
     op = sub.add_parser("openphenom", help="OpenPhenom / maes_microscopy CA-MAE (safetensors or torch pickle)")
@@ -411,14 +479,20 @@ def main(argv: list[str] | None = None) -> None:
     op.add_argument("--decoder-norm-eps", type=float, default=1e-5,
                     help="decoder LayerNorm eps (OpenPhenom's HF model: torch default 1e-5)")
     args = parser.parse_args(argv)
-    config = convert_openphenom(args.weights, args.out, in_channels=args.in_channels, decoder=not args.encoder_only,
-                                decoder_heads=args.decoder_heads, cross_attention_heads=args.cross_attention_heads,
-                                decoder_norm_eps=args.decoder_norm_eps)
+    try:
+        config = convert_openphenom(args.weights, args.out, in_channels=args.in_channels,
+                                    decoder=not args.encoder_only, decoder_heads=args.decoder_heads,
+                                    cross_attention_heads=args.cross_attention_heads,
+                                    decoder_norm_eps=args.decoder_norm_eps)
+    except (ValueError, OSError) as e:   # ConversionError, a missing file, an --out that holds a checkpoint
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     m = config.model
     print(f"{args.weights} -> {os.path.abspath(args.out)}: ca_mae width {m.width}, depth {m.depth}, "
           f"heads {m.num_heads}, patch {m.variant.split('/')[1]}, up to {m.max_channels} channels, "
           f"decoder: {f'{m.decoder_depth} blocks per channel' if m.decoder_depth else 'none'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,7 +16,7 @@ Eval: `iterate_records` walks the records in record_id order, once each, as uint
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +29,6 @@ import pandas as pd
 from maejax import records
 from maejax import preprocess
 from maejax.records import LAYOUT
-
-_MANIFEST_KEYS = ("channels", "crop_shape", "num_records", "shards", "perturbations", "controls")
-
 
 @dataclasses.dataclass(frozen=True)
 class RecordReader:
@@ -58,13 +55,34 @@ class RecordReader:
                 f"says {self.shape}")
         return image
 
+    def unreadable(self, record_id: int, error: Exception) -> records.RecordError:
+        """The one-line error for a record the shard does not give back (Riegeli's chunk hash failed,
+        or the file changed under the reader): names the shard file and the record's index in it."""
+        dataset = os.path.dirname(self.where(record_id))
+        return records.RecordError(
+            f"{self.where(record_id)}: unreadable record ({records.one_line(error)}); the shard is damaged: "
+            f"check the dataset with `python -m maejax.records verify --dataset {dataset}`, then {records.FIX}")
+
     def read(self, record_id: int) -> np.ndarray:
-        return self.decode(self.source[record_id], record_id)
+        try:
+            data = self.source[record_id]
+        except Exception as e:
+            raise self.unreadable(record_id, e) from e
+        return self.decode(data, record_id)
 
     def read_many(self, record_ids) -> np.ndarray:
         """uint8 (B, C, H, W) for the given record_ids (one batched ArrayRecord read)."""
         ids = [int(i) for i in record_ids]
-        return np.stack([self.decode(d, i) for d, i in zip(self.source.__getitems__(ids), ids)])
+        try:
+            data = self.source.__getitems__(ids)
+        except Exception as e:
+            for i in ids:   # find the record: a batched read does not say which one failed
+                try:
+                    self.source[i]
+                except Exception as single:
+                    raise self.unreadable(i, single) from e
+            raise self.unreadable(ids[0], e) from e
+        return np.stack([self.decode(d, i) for d, i in zip(data, ids)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,29 +110,24 @@ class Dataset:
         return len(self.metadata)
 
 
-def open_dataset(dataset_dir: str | os.PathLike) -> Dataset:
-    """Opens and checks a dataset directory: manifest, metadata table and every shard's record count."""
+def open_dataset(dataset_dir: str | os.PathLike, verify: bool = False) -> Dataset:
+    """Opens and checks a dataset directory: manifest, metadata table, and every shard's size, Riegeli
+    signature and record count (cheap; maejax/records.py says why). `verify=True` also checks every
+    shard's SHA-256 against the manifest (a full read: `python -m maejax.records verify` does the same)."""
     path = Path(dataset_dir)
-    manifest_path = path / LAYOUT.manifest
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: no dataset manifest (is {path} a dataset directory?)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        missing = [k for k in _MANIFEST_KEYS if k not in manifest]
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
-        raise ValueError(f"{manifest_path}: corrupt manifest ({e})") from e
-    if missing:
-        raise ValueError(f"{manifest_path}: corrupt manifest, missing keys {missing}")
+    manifest, manifest_path = records.read_manifest(path)
+    if verify:
+        result = records.verify_dataset(path)
+        if result.problems:
+            raise records.RecordError(result.problems[0] + (
+                f" (and {len(result.problems) - 1} more damaged shards)" if len(result.problems) > 1 else ""))
+    elif not records.has_checksums(manifest):
+        _say_unverified_once(manifest_path)
 
     shard_files, offsets, total = [], [], 0
     for shard in manifest["shards"]:
         shard_path = path / shard["file"]
-        if not shard_path.is_file():
-            raise FileNotFoundError(f"{shard_path}: shard listed in {manifest_path} is missing")
-        found = _count_records(shard_path)
-        if found != shard["num_records"]:
-            raise ValueError(f"{shard_path}: holds {found} records, {manifest_path} says "
-                             f"{shard['num_records']} (truncated or corrupt shard)")
+        found = records.check_shard(shard_path, shard, manifest_path)
         shard_files.append(str(shard_path))
         offsets.append(total)
         total += found
@@ -133,16 +146,18 @@ def open_dataset(dataset_dir: str | os.PathLike) -> Dataset:
     return Dataset(path=path, manifest=manifest, metadata=metadata, reader=reader)
 
 
-def _count_records(shard_path: Path) -> int:
-    from array_record.python.array_record_module import ArrayRecordReader
-    try:
-        reader = ArrayRecordReader(str(shard_path))
-        try:
-            return reader.num_records()
-        finally:
-            reader.close()  # raises on a truncated file
-    except Exception as e:
-        raise ValueError(f"{shard_path}: corrupt ArrayRecord shard ({type(e).__name__}: {e})") from e
+_UNVERIFIED: set[str] = set()
+
+
+def _say_unverified_once(manifest_path: Path) -> None:
+    key = str(manifest_path.resolve())
+    if key in _UNVERIFIED:
+        return
+    _UNVERIFIED.add(key)
+    logging.getLogger(__name__).warning(
+        "%s: no shard sizes and checksums (written before builders recorded them): the shards are unverified; "
+        "`python -m maejax.records verify --dataset %s` reads every record, rebuilding adds checksums",
+        manifest_path, manifest_path.parent)
 
 
 def _as_dataset(dataset: str | os.PathLike | Dataset) -> Dataset:

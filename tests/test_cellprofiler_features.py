@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from data import workers as workers_lib
 from eval import cellprofiler as cp
 
 CHANNELS = ["DNA", "ER", "RNA", "AGP", "Mito", "Golgi"]
@@ -142,7 +143,7 @@ def test_shared_radial_geometry_gives_the_library_values(screen):
 
 def test_screen_subset_and_pool(screen, monkeypatch):
     import pandas as pd
-    monkeypatch.setattr(cp, "MIN_CHUNKS_PER_WORKER", 1)   # a pool even for this small screen
+    monkeypatch.setattr(workers_lib, "MIN_CHUNKS_PER_WORKER", 1)   # a pool even for this small screen
     meta = pd.read_parquet(screen / "metadata.parquet")
     wells = meta.groupby(["experiment", "plate", "well"]).ngroups
     feats, rows, names = cp.cellprofiler_screen(str(screen), max_crops_per_well=1, workers=1, select=False)

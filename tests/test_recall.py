@@ -39,9 +39,8 @@ def test_real_tables_parse_to_efaar_pair_counts():
 def table_dir(tmp_path):
     (tmp_path / "SyntheticComplex.txt").write_text(
         "entity1,entity2\nB,A\nA,B\nA,A\nC,D\nD,C\nA,C\nX,Y\n")
-    (tmp_path / "Empty.txt").write_text("entity1,entity2\nX,Y\n")
+    (tmp_path / "NoPair.txt").write_text("entity1,entity2\nA,X\n")   # A is in the test maps, X is not
     (tmp_path / "notes.txt").write_text("this is not a relationship table\n")
-    (tmp_path / "Wide.txt").write_text("a,b,c\n1,2,3\n")
     return tmp_path
 
 
@@ -51,7 +50,10 @@ def test_tables_are_undirected_deduplicated_without_self_pairs(table_dir):
 
 
 def test_discovery_skips_files_that_are_not_relationship_tables(table_dir):
-    assert recall.discover_sources(table_dir) == ["Empty", "SyntheticComplex"]
+    assert recall.discover_sources(table_dir) == ["NoPair", "SyntheticComplex"]
+    (table_dir / "Wide.txt").write_text("a,b,c\n1,2,3\n")   # a table, but not a relationship table: an error
+    with pytest.raises(ValueError, match="Wide.txt: expected the header 'entity1,entity2', found 'a,b,c'"):
+        recall.discover_sources(table_dir)
 
 
 def test_header_spaces_and_byte_order_mark_are_tolerated(tmp_path):
@@ -106,6 +108,7 @@ def test_tables_are_parsed_once_per_process(table_dir):
 
 
 def test_bad_inputs_raise_clear_errors(table_dir):
+    (table_dir / "Wide.txt").write_text("a,b,c\n1,2,3\n")
     with pytest.raises(ValueError, match="Missing.txt"):
         recall.load_relationships(table_dir, "Missing")
     with pytest.raises(ValueError, match="header 'entity1,entity2'"):

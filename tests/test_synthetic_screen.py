@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data import cell_renderer, synthetic_screen
+from data import cell_renderer, synthetic_screen, workers as workers_lib
 from data.arrayrecord_writer import shard_file_names
 from data.synthetic_screen import CONTROL_LABEL, generate_screen, tile_site
 from maejax.input_pipeline import iterate_records, open_dataset
@@ -124,7 +124,7 @@ def test_same_seed_gives_identical_records(tmp_path, tiny):
 
 
 def test_worker_processes_give_identical_output(tmp_path, screen, monkeypatch):
-    monkeypatch.setattr(synthetic_screen, "MIN_CHUNKS_PER_WORKER", 1)   # a pool even for this small screen
+    monkeypatch.setattr(workers_lib, "MIN_CHUNKS_PER_WORKER", 1)   # a pool even for this small screen
     parallel = generate_screen(tmp_path / "parallel", seed=0, workers=2, **BIOLOGY)
     num_sites = open_dataset(screen).metadata.groupby(["experiment", "plate", "well", "site"]).ngroups
     assert num_sites > 2 * synthetic_screen.CHUNK_SITES  # several chunks in flight
