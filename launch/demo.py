@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
 from eval import job, screen
 from maejax import config as config_lib
+from maejax.resume import ConfigChangeError
 from maejax.train import train
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mae_synthetic.py")
@@ -46,6 +48,12 @@ def run(workdir: str, preset: str = "demo", steps: int | None = None, seed: int 
         print(f"== 1/4 generating the synthetic screen ({preset}, seed {seed}) in {dataset}", flush=True)
         generate_screen(dataset, preset=preset, seed=seed, workers=min(2, os.cpu_count() or 1))
     else:
+        with open(os.path.join(dataset, "manifest.json")) as f:
+            params = json.load(f).get("params", {})
+        made = {k: params.get(k) for k in ("preset", "seed")}
+        if made != {"preset": preset, "seed": seed}:
+            raise DemoError(f"{dataset} holds the screen of preset {made['preset']!r}, seed {made['seed']}, not of "
+                            f"--preset {preset} --seed {seed}: use a new --workdir")
         print(f"== 1/4 reusing the synthetic screen in {dataset}", flush=True)
     timings["generate_s"] = time.time() - t
 
@@ -232,7 +240,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     ap.add_argument("--seed", type=int, default=0, help="the screen's and the training's seed")
     a = ap.parse_args()
-    run(a.workdir, a.preset, a.steps, a.seed)
+    try:
+        run(a.workdir, a.preset, a.steps, a.seed)
+    except (DemoError, ConfigChangeError) as e:   # another screen or recipe in this workdir: one line
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+class DemoError(ValueError):
+    """A workdir that holds another demo's screen."""
 
 
 if __name__ == "__main__":

@@ -76,3 +76,19 @@ def test_the_table_shows_intervals_families_and_the_loss(main_job):
     assert text.count("[") >= 4 * len(demo.ROWS)               # an interval per figure
     assert "by phenotype family" in text and "colocalisation" in text
     assert "interpolation of the visible pixels" in text
+
+
+def test_a_workdir_with_another_seeds_screen_is_refused(tmp_path, monkeypatch, capsys):
+    """`launch.demo --seed 1` into a workdir whose screen has seed 0 would silently reuse it: one line, exit 2,
+    nothing trained."""
+    import sys
+    (tmp_path / "dataset").mkdir()
+    (tmp_path / "dataset" / "manifest.json").write_text(json.dumps({"params": {"preset": "tiny", "seed": 0}}))
+    monkeypatch.setattr(sys, "argv", ["launch.demo", f"--workdir={tmp_path}", "--preset=tiny", "--seed=1"])
+    with pytest.raises(SystemExit) as exit_:
+        demo.main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"DemoError: {tmp_path}/dataset holds the screen of preset 'tiny', seed 0, not of --preset tiny "
+                   f"--seed 1: use a new --workdir"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
