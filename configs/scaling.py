@@ -13,6 +13,7 @@ image-quality artefact): `small` (seed 0, 4 experiments x 2 plates, 3,456 crops)
 plates, 13,824 crops) and `eval` (seed 1, as small: a screen no run trains on). Every run takes the same
 number of steps (`steps=`, default 300), so the model size and the number of epochs differ, not the crops seen.
 """
+from configs.mae_synthetic import synthetic_map_settings
 from maejax.config import base, parse_arg
 
 # name -> synthetic-screen parameters (preset demo_qc plus these)
@@ -49,4 +50,4 @@ def get_config(arg=None):
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 60
     c.optim.weight_decay = 0.05
-    return c
+    return synthetic_map_settings(c)

@@ -9,13 +9,24 @@ every block (recall of known relationships and replicate consistency after batch
 CellProfiler-grade features, no model (eval/cellprofiler.py: nuclei / cell segmentation, cp-measure
 measurements, pycytominer-style selection; one crop per well); `handcrafted_fast` the fast per-image
 statistics of eval/handcrafted.py, every crop; `oracle` the synthetic screen's true well parameters (the ceiling). The eval settings are `maejax.config.base().eval`, overlaid with
-the run's own `eval` section and then with `--tasks` / `--eval KEY=VALUE` (e.g. `--eval
+the run's own `eval` section and then with `--tasks` / `--annotations` / `--eval KEY=VALUE` (e.g. `--eval
 probe_model=logistic groups=anax.csv`). Outputs go to `<out>` (default `<workdir>/eval/<features>`):
 report.json, embeddings.parquet, blocks.png, similarity.png.
+
+What the map needs comes from the dataset and one set of defaults (docs/eval.md), checked before anything
+is embedded: the control (`eval.control`, default: the manifest's `control_label`, else its `controls`,
+i.e. the records marked is_control; other control labels are left out of the map), the batch columns
+(`eval.batch_col`, `eval.pca_batch_col`: experiment | plate), PCA / correction / thresholds (EFAAR's:
+128 components at most, TVN, (0.05, 0.95) and (0.1, 0.9), as `eval.map_benchmark`), the relationship
+tables (`--annotations` / `eval.annotations`; default `<dataset>/annotations`, else the EFAAR 1.0 tables
+of the installed efaar_benchmarking package: eval/annotations.py) and the channel count (the dataset's
+channels go to the model as they are: a channel-agnostic model takes 1 to its `max_channels`, any other
+exactly its `in_channels`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,13 +39,15 @@ import pandas as pd
 from flax import nnx
 
 from eval import screen
+from eval.annotations import find_annotations
 from eval.embed import Embedder
 from maejax import config as config_lib, sharding as shd, state as state_lib
 from maejax.checkpoint import CheckpointMismatchError, Checkpoints, run_checkpoint_dir
 from maejax.input_pipeline import iterate_records
-from maejax.records import LAYOUT
 
 FEATURES = ("mae", "random_init", "handcrafted", "handcrafted_fast", "oracle")
+MODEL_FEATURES = ("mae", "random_init")      # the kinds that run the run's model on the crops
+BATCH_COLUMNS = ("experiment", "plate")      # well-level columns (eval.tasks.WELL_KEYS) a map batch can be
 
 
 def embed_screen(model, dataset_dir: str, batch_size: int, normalize: str = "crop"
@@ -101,26 +114,118 @@ class AnnotationError(ValueError):
     """The relationship tables cannot give a recall for this dataset (eval.recall's one-line message)."""
 
 
-def check_annotations(workdir: str, dataset_dir: str | None, overrides: dict[str, Any] | None = None) -> None:
-    """Reads the dataset's perturbations (its metadata, no image) and checks the relationship tables
-    against them as the map will (eval.recall): a missing or empty folder, a table with another header or
-    no pair, no table gene in the screen. Raises AnnotationError naming the folder or table."""
+class EvalSetupError(ValueError):
+    """The dataset and the eval settings do not fit (no dataset, no control, a batch column or channel count
+    the map or the model cannot take): one line naming the key, the value and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MapSettings:
+    """What one dataset's maps are built with (resolved from the eval config and the dataset's manifest)."""
+    control: str                 # the map's control label (correction fitted on these wells)
+    drop: tuple[str, ...]        # the dataset's other control labels, left out of the map
+    batch_col: str
+    pca_batch_col: str | None    # None: batch_col
+    annotations: str             # the relationship-table folder
+    channels: int                # the dataset's channel count (what the model gets)
+
+
+def dataset_controls(manifest: dict[str, Any], control: str, where: str) -> tuple[str, tuple[str, ...]]:
+    """(the map's control label, the dataset's other control labels). `control` "" takes the manifest's
+    `control_label`, else its `controls` (the labels of records marked is_control), in the order of the
+    builder's `control_labels` where it lists them."""
+    listed = [str(c) for c in manifest.get("controls") or []]
+    perturbations = {str(p) for p in manifest.get("perturbations") or []}
+    if control:
+        if control not in perturbations:
+            raise EvalSetupError(f"eval.control={control!r} is not a perturbation of {where} (its manifest's controls: "
+                                 f"{listed or 'none'}); pass --eval control=LABEL with a control of this dataset, or "
+                                 f"--eval control= to take the manifest's")
+        return control, tuple(c for c in listed if c != control)
+    label = str(manifest.get("control_label") or "")
+    if label in perturbations:
+        return label, tuple(c for c in listed if c != label)
+    if not listed:
+        raise EvalSetupError(f"{where}/manifest.json lists no controls (no record is marked is_control), and the map "
+                             f"is corrected on control wells; pass --eval control=LABEL naming the control "
+                             f"perturbation, or rebuild the dataset with its control labels")
+    order = [str(c) for src in manifest.get("sources") or [] if isinstance(src, dict)
+             for c in src.get("control_labels") or []]
+    ranked = sorted(listed, key=lambda c: (order.index(c) if c in order else len(order), c))
+    return ranked[0], tuple(ranked[1:])
+
+
+def check_channels(model_cfg: Any, channels: int, names: list[str], dataset_dir: str, workdir: str) -> None:
+    """The dataset's crops go to the model with their own channel count: a channel-agnostic model (ca_mae)
+    takes 1 to max_channels channels, any other exactly in_channels."""
+    name, in_channels = model_cfg.name, int(model_cfg.in_channels)
+    if name == "ca_mae":
+        limit = int(model_cfg.get("max_channels", 0) or in_channels)
+        if not 1 <= channels <= limit:
+            raise EvalSetupError(f"{dataset_dir} has {channels} channels ({', '.join(names)}); the channel-agnostic "
+                                 f"model of {workdir} takes 1 to {limit} (model.max_channels): evaluate it on a "
+                                 f"dataset of at most {limit} channels (e.g. build it with --channels)")
+    elif channels != in_channels:
+        raise EvalSetupError(f"{dataset_dir} has {channels} channels ({', '.join(names)}); the {name} model of "
+                             f"{workdir} takes exactly {in_channels} (model.in_channels): evaluate it on a dataset "
+                             f"of its channels, or use a channel-agnostic model (model.name=ca_mae)")
+
+
+def map_settings(e: ml_collections.ConfigDict, manifest: dict[str, Any], dataset_dir: str) -> MapSettings:
+    """Control, batch columns, tables and channel count of one dataset's maps (EvalSetupError /
+    annotations.AnnotationsNotFound when they cannot be had)."""
+    for key in ("batch_col", "pca_batch_col"):
+        value = e[key]
+        if (value or key == "batch_col") and value not in BATCH_COLUMNS:
+            raise EvalSetupError(f"eval.{key}={value!r}: a map batch is one of {list(BATCH_COLUMNS)} (columns every "
+                                 f"well has); pass --eval {key}=experiment or {key}=plate")
+    control, drop = dataset_controls(manifest, e.control, dataset_dir)
+    return MapSettings(control=control, drop=drop, batch_col=e.batch_col, pca_batch_col=e.pca_batch_col or None,
+                       annotations=find_annotations(e.annotations, dataset_dir),
+                       channels=int(manifest["crop_shape"][0]))
+
+
+def check_annotations(workdir: str, dataset_dir: str | None, overrides: dict[str, Any] | None = None,
+                      kind: str = "mae") -> MapSettings | None:
+    """Reads the dataset's manifest and perturbations (its metadata, no image), resolves the map's settings
+    (`map_settings`), checks that the model takes the dataset's channels (kinds that run the model) and
+    checks the relationship tables against the perturbations as the map will (eval.recall): a missing or
+    empty folder, a table with another header or no pair, no table gene in the screen. Raises
+    AnnotationError naming the folder or table, EvalSetupError naming the key; None when the run has no
+    checkpoint (features_for says so)."""
     from eval import recall
     from maejax.input_pipeline import open_dataset
     ckpts = Checkpoints(run_checkpoint_dir(workdir))
     step = ckpts.latest_step()
-    config = ml_collections.ConfigDict(ckpts.meta(step)["config"]) if step is not None else None
+    meta = ckpts.meta(step) if step is not None else None
     ckpts.close()
-    if config is None:
-        return   # features_for says there is no checkpoint
+    if meta is None:
+        return None   # features_for says there is no checkpoint
+    config = ml_collections.ConfigDict(meta["config"])
     dataset_dir = dataset_dir or config.data.dir
+    if not dataset_dir:
+        what = "a converted model" if meta.get("converted_from") else "data.dir is empty"
+        raise EvalSetupError(f"{workdir}: its config names no dataset ({what}); pass --dataset DIR")
     e = eval_config(config.get("eval", ml_collections.ConfigDict()), overrides)
-    genes = open_dataset(dataset_dir).metadata["perturbation"].astype(str).unique()
     try:
-        recall.known_pair_positions(sorted(g for g in genes if g != e.control),
-                                    os.path.join(dataset_dir, LAYOUT.annotations))
+        dataset = open_dataset(dataset_dir)
+    except (OSError, ValueError) as err:    # no manifest, a damaged shard or table: the reader's one line
+        raise EvalSetupError(str(err)) from err
+    try:
+        settings = map_settings(e, dataset.manifest, dataset_dir)
+    except ValueError as err:     # annotations.AnnotationsNotFound
+        if isinstance(err, EvalSetupError):
+            raise
+        raise AnnotationError(str(err)) from err
+    if kind in MODEL_FEATURES:
+        check_channels(config.model, settings.channels, dataset.channels, dataset_dir, workdir)
+    genes = dataset.metadata["perturbation"].astype(str).unique()
+    left_out = {settings.control, *settings.drop}
+    try:
+        recall.known_pair_positions(sorted(g for g in genes if g not in left_out), settings.annotations)
     except ValueError as err:
         raise AnnotationError(str(err)) from err
+    return settings
 
 
 def eval_config(stored: ml_collections.ConfigDict, overrides: dict[str, Any] | None = None
@@ -170,19 +275,23 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
     """Embeds and evaluates one of FEATURES; writes the outputs and returns the report (with in-memory
     arrays under keys starting with '_'; `screen.public` drops them)."""
     t0 = time.time()
-    check_annotations(workdir, dataset_dir, overrides)   # a bad table fails here, before the embedding
+    # a bad table, no control, a channel count the model cannot take: fails here, before the embedding
+    settings = check_annotations(workdir, dataset_dir, overrides, kind=kind)
     feats, meta, config, dataset_dir, step = features_for(kind, workdir, dataset_dir, batch_size)
     t_embed = time.time() - t0
     e = eval_config(config.get("eval", ml_collections.ConfigDict()), overrides)
     report = screen.evaluate_blocks(
-        feats, meta, os.path.join(dataset_dir, LAYOUT.annotations), control=e.control,
+        feats, meta, settings.annotations, control=settings.control, drop=list(settings.drop),
+        batch_col=settings.batch_col, pca_batch_col=settings.pca_batch_col,
         pca_components=e.pca_components, correction=e.correction,
         thresholds=[tuple(t) for t in e.thresholds], tasks=list(e.tasks) if e.probe else [],
         select_by=e.select_by, groups=e.groups, dataset_dir=dataset_dir, probe_model=e.probe_model,
         split_fractions=list(e.split_fractions), negative_controls=negative_controls(e.negative_controls, dataset_dir),
-        seed=config.seed, families=gene_families(dataset_dir), n_boot=e.n_boot)
+        seed=config.seed, families=gene_families(dataset_dir), n_boot=e.n_boot,
+        mean_average_precision=e.mean_average_precision)
     report.update(features=kind, checkpoint_step=step if kind == "mae" else None, dataset=dataset_dir,
-                  embed_seconds=t_embed, eval_seconds=time.time() - t0 - t_embed, eval_config=e.to_dict())
+                  embed_seconds=t_embed, eval_seconds=time.time() - t0 - t_embed, eval_config=e.to_dict(),
+                  map_settings={**dataclasses.asdict(settings), "drop": list(settings.drop)})
     out_dir = out_dir or os.path.join(workdir, "eval", kind)
     report["outputs"] = screen.write_outputs(report, out_dir, title=f"{kind} ({config.model.variant})")
     return report
@@ -192,6 +301,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True, help="training run directory (its config.json says where the checkpoints are)")
     ap.add_argument("--dataset", default=None, help="dataset directory (default: the one it was trained on)")
+    ap.add_argument("--annotations", default=None, metavar="DIR",
+                    help="relationship tables <Source>.txt (default: eval.annotations; '' = <dataset>/annotations, "
+                         "else the EFAAR 1.0 tables of the installed efaar_benchmarking package)")
     ap.add_argument("--out", default=None, help="output directory (default: <workdir>/eval/<features>)")
     ap.add_argument("--features", default="mae", choices=FEATURES)
     ap.add_argument("--batch_size", type=int, default=None)
@@ -205,10 +317,12 @@ def main() -> None:
     overrides = config_lib.parse_overrides(a.eval, "--eval")
     if a.tasks:
         overrides["tasks"] = a.tasks
+    if a.annotations is not None:
+        overrides["annotations"] = a.annotations
     try:
         report = evaluate(a.features, a.workdir, dataset_dir=a.dataset, out_dir=a.out, batch_size=a.batch_size,
                           overrides=overrides)
-    except (CheckpointMismatchError, AnnotationError) as e:   # one line, no tree diff or traceback
+    except (CheckpointMismatchError, AnnotationError, EvalSetupError) as e:   # one line, no tree diff or traceback
         print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     print(summary(report))
@@ -222,6 +336,11 @@ def summary(report: dict[str, Any]) -> str:
     lines = [f"{report['features']}: block {report['best_block']}/{len(report['blocks'])} "
              f"({report['selected_by']}); mean recall {best['recall_mean']}; "
              f"KS {rc['ks_statistic']:.3f}, CvM {rc['cvm_statistic']:.2f}"]
+    ms = report.get("map_settings")
+    if ms:
+        dropped = f" (left out: {', '.join(ms['drop'])})" if ms["drop"] else ""
+        lines.append(f"  map: {ms['channels']} channels, control {ms['control']}{dropped}, batches {ms['batch_col']}, "
+                     f"PCA up to {report['pca_components']}, {report['correction']}, tables {ms['annotations']}")
     for name, t in report["tasks"].items():
         if "skipped" in t:
             lines.append(f"  {name}: skipped ({t['skipped']})")

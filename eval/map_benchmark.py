@@ -10,6 +10,11 @@ may be averaged per well first (`--average_by`) and filtered (`--where col=value
 OpenPhenom's RxRx3-core parquet needs. report.json holds the `recall` records (EFAAR's
 known_relationship_benchmark columns), the replicate `consistency` summary, and what was run.
 `evaluate_map` is the same benchmark as a function over arrays (e.g. for every block of a model).
+
+The defaults are eval.job's, from `maejax.config.base().eval`: PCA 128 components at most (fewer when the
+table has fewer features, or rows - 1), TVN, thresholds (0.05, 0.95) and (0.1, 0.9), `--batch_col
+experiment`, and the EFAAR 1.0 relationship tables of the installed efaar_benchmarking package
+(eval/annotations.py).
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ import numpy as np
 import pandas as pd
 
 from eval import consistency, efaar, plots, recall
+from eval import mean_average_precision as map_lib
+from eval.annotations import find_annotations
 
 FEATURE_PREFIX = "feature_"
 
@@ -121,14 +128,19 @@ def _negative_controls(arg: str | None) -> list[str] | None:
 def evaluate_map(features: np.ndarray, perturbations, control, batches, annotations, *,
                  pca_components=128, pca_batches=None, correction: str = "tvn", method: str = "mean",
                  drop: Sequence = (), sources=None, thresholds=recall.RECALL_THRESHOLDS,
-                 negative_controls: Sequence | None = None, seed: int = 0, replicates=None):
+                 negative_controls: Sequence | None = None, seed: int = 0, replicates=None,
+                 mean_average_precision: bool = True, null_cache_dir: str | None = None):
     """Map + benchmarks for one set of embeddings (e.g. one transformer block).
 
-    Returns ({"recall": [...], "consistency": {...}}, the PerturbationMap, the similarities used
-    for recall, e.g. to plot). The consistency null is `negative_controls` when given (EFAAR),
-    otherwise random groups of rows; replicate consistency uses `replicates` (default: the batches)
-    as replicate units. The relationship tables are checked against the map's perturbations first,
-    so a bad table fails before any computing.
+    Returns ({"recall": [...], "consistency": {...}, "mean_average_precision": {...}}, the
+    PerturbationMap, the similarities used for recall, e.g. to plot). The consistency null is
+    `negative_controls` when given (EFAAR), otherwise random groups of rows; replicate consistency uses
+    `replicates` (default: the batches) as replicate units. `mean_average_precision` (default on) adds
+    copairs' phenotypic activity (rows against the control rows of their batch) and consistency (per
+    relationship table) with their BH-corrected p-values: eval/mean_average_precision.py:map_report;
+    `null_cache_dir` shares copairs' null distributions between calls (default: fresh per call). The
+    relationship tables are checked against the map's perturbations first, so a bad table fails
+    before any computing.
     """
     perts = np.asarray(perturbations)
     dropped = [control, *drop]
@@ -149,7 +161,12 @@ def evaluate_map(features: np.ndarray, perturbations, control, batches, annotati
         "replicate_consistency": consistency.replicate_consistency(
             pmap.embeddings, perts, batches if replicates is None else replicates, drop=dropped, seed=seed),
     }
-    return {"recall": recall.recall_table(sims, thresholds), "consistency": summary}, pmap, sims
+    report = {"recall": recall.recall_table(sims, thresholds), "consistency": summary}
+    if mean_average_precision:
+        report["mean_average_precision"] = map_lib.map_report(
+            pmap.embeddings, perts, control, batches, pmap.features, pmap.labels, annotations, list(sims.queries),
+            drop=drop, seed=seed, cache_dir=null_cache_dir)
+    return report, pmap, sims
 
 
 def _check_replicates(meta: pd.DataFrame, perts: np.ndarray, replicates: np.ndarray, dropped: Sequence[str],
@@ -195,10 +212,12 @@ def run(args: argparse.Namespace) -> dict:
 
     t = time.perf_counter()
     report, pmap, sims = evaluate_map(
-        features, perts, args.control, batches, args.annotations, pca_components=args.pca_components,
+        features, perts, args.control, batches, args.annotations,
+        pca_components=pca_components_for(args.pca_components, *features.shape),
         pca_batches=pca_batches, correction=args.correction, method=args.aggregate, drop=args.drop,
         sources=args.sources, thresholds=thresholds,
-        negative_controls=_negative_controls(args.negative_controls), seed=args.seed, replicates=replicates)
+        negative_controls=_negative_controls(args.negative_controls), seed=args.seed, replicates=replicates,
+        mean_average_precision=args.mean_average_precision)
     report["consistency"]["replicate_consistency"]["replicates"] = replicate_col
     report["map"] = {"rows": int(len(features)), "features": int(features.shape[1]),
                      "dims": int(pmap.features.shape[1]), "perturbations": int(len(pmap.labels)),
@@ -214,22 +233,38 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+def pca_components_for(requested: int, rows: int, features: int) -> int:
+    """PCA components of a map: `requested` (0 = no PCA) where the data allow, else as many as they do
+    (features, rows - 1). eval.job's per-block maps use the same rule."""
+    return min(int(requested), features, rows - 1) if requested else 0
+
+
 def parser() -> argparse.ArgumentParser:
+    # Defaults shared with eval.job: maejax.config.base().eval (EFAAR's PCA 128, TVN, two threshold pairs).
+    from maejax.config import base
+    defaults = base().eval
     p = argparse.ArgumentParser(prog="python -m eval.map_benchmark", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", required=True, help="parquet/CSV with feature_* columns")
     p.add_argument("--perturbation_col", required=True)
-    p.add_argument("--batch_col", required=True, help="batch for the correction (and PCA scaling)")
+    p.add_argument("--batch_col", default=defaults.batch_col,
+                   help=f"batch for the correction (and PCA scaling); default {defaults.batch_col}")
     p.add_argument("--control", required=True, help="control label in --perturbation_col")
-    p.add_argument("--pca_components", type=int, default=128, help="0 skips PCA")
-    p.add_argument("--correction", choices=efaar.CORRECTIONS, default="tvn")
+    p.add_argument("--pca_components", type=int, default=defaults.pca_components,
+                   help=f"at most this many (default {defaults.pca_components}; fewer when there are fewer "
+                        f"features, or rows - 1); 0 skips PCA")
+    p.add_argument("--correction", choices=efaar.CORRECTIONS, default=defaults.correction)
     p.add_argument("--aggregate", choices=("mean", "median"), default="mean")
-    p.add_argument("--annotations", required=True, help="folder of <Source>.txt relationship tables")
+    p.add_argument("--annotations", default=defaults.annotations,
+                   help="folder of <Source>.txt relationship tables (default: the EFAAR 1.0 tables of the "
+                        "installed efaar_benchmarking package)")
     p.add_argument("--out", required=True, help="report.json path")
-    p.add_argument("--thresholds", nargs="+", default=["0.05,0.95", "0.1,0.9"], metavar="LO,HI")
+    p.add_argument("--thresholds", nargs="+", default=[f"{lo},{hi}" for lo, hi in defaults.thresholds],
+                   metavar="LO,HI")
     p.add_argument("--sources", nargs="+", default=None, help="default: every table in --annotations")
     p.add_argument("--plot", default=None, help="PNG of the similarity distributions")
-    p.add_argument("--pca_batch_col", default=None, help="batch for the pre-PCA scaling (default --batch_col)")
+    p.add_argument("--pca_batch_col", default=defaults.pca_batch_col or None,
+                   help="batch for the pre-PCA scaling (default --batch_col)")
     p.add_argument("--replicate_col", default=None,
                    help="replicate unit of the replicate consistency (default --batch_col); a perturbation's "
                         "profiles are compared across its values, so it must vary within a perturbation")
@@ -244,12 +279,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help="compute dtype (default: the features' dtype, as EFAAR/sklearn)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_mean_average_precision", dest="mean_average_precision", action="store_false",
+                   default=defaults.mean_average_precision,
+                   help="leave copairs' mAP (phenotypic activity and consistency) out of the report")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        args.annotations = find_annotations(args.annotations)
         report = run(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,14 +43,21 @@ def well_profiles(features: np.ndarray, meta: pd.DataFrame) -> tuple[np.ndarray,
 
 def map_block(wells: np.ndarray, well_meta: pd.DataFrame, annotations: str, *, control: str,
               pca_components: int, correction: str, thresholds: Sequence,
-              negative_controls: Sequence[str] | None, seed: int):
-    """EFAAR map of one block's (W, D) well features -> ({"recall", "consistency"}, similarities, and
-    the PerturbationMap itself)."""
-    n_comp = min(pca_components, wells.shape[1], wells.shape[0] - 1)
+              negative_controls: Sequence[str] | None, seed: int, batch_col: str = "experiment",
+              pca_batch_col: str | None = None, drop: Sequence[str] = (), mean_average_precision: bool = True,
+              null_cache_dir: str | None = None):
+    """EFAAR map of one block's (W, D) well features -> ({"recall", "consistency",
+    "mean_average_precision" (copairs mAP, unless switched off; nulls cached in `null_cache_dir`)},
+    similarities, and the PerturbationMap itself). `batch_col` / `pca_batch_col` (experiment | plate)
+    are the batches of the correction and of the pre-PCA scaling; `drop`: more labels (e.g. other
+    controls) left out of the map. Replicates are experiments."""
+    n_comp = map_benchmark.pca_components_for(pca_components, *wells.shape)
     report, pmap, sims = map_benchmark.evaluate_map(
-        wells, well_meta["perturbation"].to_numpy(), control, well_meta["experiment"].to_numpy(), annotations,
+        wells, well_meta["perturbation"].to_numpy(), control, well_meta[batch_col].to_numpy(), annotations,
         pca_components=n_comp, correction=correction, thresholds=thresholds,
-        negative_controls=negative_controls, seed=seed)
+        pca_batches=well_meta[pca_batch_col].to_numpy() if pca_batch_col else None, drop=drop,
+        negative_controls=negative_controls, seed=seed, replicates=well_meta["experiment"].to_numpy(),
+        mean_average_precision=mean_average_precision, null_cache_dir=null_cache_dir)
     report["consistency"]["replicate_consistency"]["replicates"] = "experiment"
     return report, sims, pmap
 
@@ -97,7 +105,9 @@ def evaluate_blocks(features: np.ndarray, meta: pd.DataFrame, annotations: str, 
                     select_by: str = "perturbation", groups: str = "", dataset_dir: str | None = None,
                     probe_model: str = "ridge", split_fractions: Sequence[float] = (0.8, 0.1, 0.1),
                     negative_controls: Sequence[str] | None = None, seed: int = 0,
-                    families: dict[str, str] | None = None, n_boot: int = bootstrap.N_BOOT) -> dict[str, Any]:
+                    families: dict[str, str] | None = None, n_boot: int = bootstrap.N_BOOT,
+                    batch_col: str = "experiment", pca_batch_col: str | None = None,
+                    drop: Sequence[str] = (), mean_average_precision: bool = True) -> dict[str, Any]:
     """The per-block report: recall per source and threshold, consistency, every probe task's
     accuracy, and the chosen block (by `select_by`'s validation score; the last block when that task
     is not run). `groups` is the functional-group source (eval/tasks.py:functional_groups).
@@ -112,7 +122,13 @@ def evaluate_blocks(features: np.ndarray, meta: pd.DataFrame, annotations: str, 
                                                       {"value", "ci95"}}},
                                  "probe": {task: {"value", "ci95", "num_test"}}}}
     (recall over the known pairs with both genes in the family; probes over the family's test rows,
-    for the tasks over perturbations). The tasks' records carry the same per block (tasks.run_task)."""
+    for the tasks over perturbations). The tasks' records carry the same per block (tasks.run_task).
+
+    With `mean_average_precision` (default) every block row also has
+      mean_average_precision  JUMP-CP's mAP by copairs: phenotypic activity (wells against the control
+                              wells of their batch) and consistency (per relationship table), with
+                              BH-corrected p-values (eval/mean_average_precision.py:map_report);
+    the blocks share one cache of copairs' null distributions."""
     if features.ndim == 2:
         features = features[:, None]
     probes = tasks_lib.run_tasks(tasks, features, meta, groups_source=groups, dataset_dir=dataset_dir,
@@ -122,12 +138,17 @@ def evaluate_blocks(features: np.ndarray, meta: pd.DataFrame, annotations: str, 
     best = selector["best_block"] - 1 if "best_block" in selector else features.shape[1] - 1
     wells, well_meta = well_profiles(features, meta)
     blocks, best_sims = [], None
+    nulls = tempfile.TemporaryDirectory(prefix="copairs-nulls-") if mean_average_precision else None
     for k in range(features.shape[1]):
         mapped, sims, pmap = map_block(wells[:, k], well_meta, annotations, control=control,
                                        pca_components=pca_components, correction=correction,
-                                       thresholds=thresholds, negative_controls=negative_controls, seed=seed)
+                                       thresholds=thresholds, negative_controls=negative_controls, seed=seed,
+                                       batch_col=batch_col, pca_batch_col=pca_batch_col, drop=drop,
+                                       mean_average_precision=mean_average_precision,
+                                       null_cache_dir=nulls.name if nulls else None)
         row: dict[str, Any] = {"block": k + 1, "recall": mapped["recall"],
                                "recall_mean": _mean_recall(mapped["recall"]), "consistency": mapped["consistency"],
+                               **{key: mapped[key] for key in ("mean_average_precision",) if key in mapped},
                                "probes": {name: {"val": t["val"][k], "test": t["test"][k],
                                                  **({"test_ci95": t["test_ci95"][k]} if "test_ci95" in t else {})}
                                           for name, t in probes.items() if "test" in t}}
@@ -144,6 +165,8 @@ def evaluate_blocks(features: np.ndarray, meta: pd.DataFrame, annotations: str, 
         blocks.append(row)
         if k == best:
             best_sims = sims
+    if nulls:
+        nulls.cleanup()
     how = (f"{select_by} probe, validation balanced accuracy" if "best_block" in selector
            else "last block (no selection task was run)")
     return {"num_crops": int(len(meta)), "num_wells": int(len(well_meta)), "correction": correction,

@@ -101,10 +101,19 @@ def base() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128
-    c.eval.pca_components = 64
-    c.eval.correction = "centerscale"    # map building: centerscale | tvn | none
-    c.eval.control = "non-targeting"
-    c.eval.thresholds = [[0.05, 0.95]]
+    # Map building, shared with `eval.map_benchmark`'s defaults: the EFAAR reference settings
+    # (efaar_benchmarking 1.0: PCA 128, TVN on each batch's controls, recall at (0.05, 0.95) and (0.1, 0.9)).
+    c.eval.pca_components = 128          # at most: fewer when the map has fewer wells or features; 0 = no PCA
+    c.eval.correction = "tvn"            # tvn | centerscale | none (fitted on each batch's controls)
+    c.eval.thresholds = [[0.05, 0.95], [0.1, 0.9]]
+    # "" = from the dataset's manifest: its control_label, else its controls (is_control); other controls
+    # are left out of the map
+    c.eval.control = ""
+    c.eval.batch_col = "experiment"      # batch of the correction: experiment | plate
+    c.eval.pca_batch_col = ""            # batch of the scaling before PCA: "" = batch_col | experiment | plate
+    # Relationship tables (<Source>.txt, entity1,entity2): "" = <dataset>/annotations when the dataset has one
+    # (the synthetic screen), else the EFAAR 1.0 tables of the installed efaar_benchmarking package
+    c.eval.annotations = ""
     c.eval.probe = True                  # run the probe tasks (False: recall and consistency only)
     # Probe tasks by name (eval/tasks.py): "NAME" or "NAME:key=value,..." with split (wells |
     # experiments | perturbations), level (crop | well), probe (ridge | logistic), correction.
@@ -114,6 +123,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval.split_fractions = [0.8, 0.1, 0.1]    # train/val/test shares of each class's held-out units
     c.eval.groups = "ground_truth:complex"      # functional groups: CSV gene,group | ground_truth:complex|pathway
     c.eval.negative_controls = "ground_truth"   # consistency null: ground_truth (null genes) | random | FILE
+    c.eval.mean_average_precision = True  # copairs mAP (activity, consistency) in every block's map report
     c.eval.n_boot = 1000                 # bootstrap resamples for the 95% intervals (genes, held-out wells); 0 = none
     return c
 

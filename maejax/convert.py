@@ -1,14 +1,24 @@
 """Import released weights as maejax checkpoints.
 
-  python -m maejax.convert openphenom --weights model.safetensors --out runs/openphenom
+  python -m maejax.convert openphenom --weights SNAPSHOT_DIR_OR_FILE --workdir runs/openphenom
+  python -m eval.job --workdir runs/openphenom --dataset DATASET      # every block of the model
 
-`--weights` may also be the Hugging Face snapshot folder holding `model.safetensors`. A file that cannot
-be read (empty, truncated, random bytes, a damaged header, a tensor missing) is a one-line error that
-names it and says what is wrong, with exit status 2 and nothing written.
+`--weights` is the Hugging Face snapshot folder (`model.safetensors` + `config.json`) or the weights file
+itself. A file that cannot be read (empty, truncated, random bytes, a damaged header, a tensor missing) is a
+one-line error that names it and says what is wrong, with exit status 2 and nothing written.
 
 OpenPhenom / maes_microscopy (CA-MAE, timm `ParallelScalingBlock`) -> a `ca_mae` model with parallel
-blocks, written as a normal checkpoint directory (orbax, step 0, its config in `meta` and in
-`config.json`) that `maejax.state.load_model(DIR)` restores and `eval.embed_arrays` embeds with.
+blocks, written as a run directory like the trainer's: `<workdir>/config.json` and the checkpoint (orbax,
+step 0, its config also in `meta`) in `<workdir>/checkpoints`, where `eval.job` looks for it;
+`maejax.state.load_model(<workdir>/checkpoints)` restores it and `eval.embed_arrays --checkpoint
+<workdir>/checkpoints` embeds arrays with it. (`--out DIR`, deprecated, writes the checkpoint directory
+itself with its config.json, as earlier versions did.)
+
+The snapshot's `config.json` (maes_microscopy's `MAEConfig`, `model_type` "MAE"), where present, gives the
+decoder's head count (`decoder.num_heads`) and the mask ratio; it is recorded in the checkpoint's meta.
+Everything else comes from the tensors: Hugging Face's `MAEModel` builds its architecture in code, not
+from config.json (whose decoder sizes may disagree with the weights), so the tensors are what is true.
+A config.json beside a weights *file* is read only when it is such a config.
 
 The file format is decided from the first bytes, never the name (maes_microscopy's `save_pretrained`
 writes a torch zip pickle into `model.safetensors`): `PK\\x03\\x04` is a torch zip pickle holding
@@ -45,6 +55,9 @@ from maejax.models.vit import VARIANTS
 
 TORCH_ZIP_MAGIC = b"PK\x03\x04"
 HF_WEIGHTS_NAME = "model.safetensors"        # the file in a Hugging Face snapshot folder
+HF_CONFIG_NAME = "config.json"               # its MAEConfig
+HF_MODEL_TYPE = "MAE"
+OPENPHENOM_DECODER_HEADS = 16                # HF MAEModel's CAMAEDecoder(num_heads=16)
 REDOWNLOAD = "download or copy it again"
 ENCODER_PREFIXES = ("encoder.vit_backbone.", "vit_backbone.")
 DECODER_PREFIXES = ("decoder.", "encoder_decoder_proj.", "decoder_pred.")
@@ -72,6 +85,44 @@ def weights_file(path: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path} does not exist")
     return path
+
+
+def snapshot_config(weights: str) -> tuple[dict[str, Any], str | None]:
+    """(the snapshot's MAEConfig as a dict, its path), or ({}, None) when there is none: `config.json` in the
+    snapshot folder `weights` names, or beside the weights file when its model_type is "MAE" (a file beside
+    another program's config.json, e.g. a maejax run's, is not a snapshot)."""
+    folder = weights if os.path.isdir(weights) else os.path.dirname(os.path.abspath(weights))
+    path = os.path.join(folder, HF_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return {}, None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, ValueError) as e:
+        if not os.path.isdir(weights):
+            return {}, None
+        raise ConversionError(f"{path}: the snapshot's config is not JSON ({' '.join(str(e).split())[:100]}); "
+                              f"{REDOWNLOAD}, or delete it to convert from the tensors alone") from None
+    model_type = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+    if not os.path.isdir(weights):
+        return (config, path) if model_type == HF_MODEL_TYPE else ({}, None)
+    if not isinstance(config, dict) or model_type not in (None, HF_MODEL_TYPE):
+        raise ConversionError(f"{path}: model_type {model_type!r}, not maes_microscopy's {HF_MODEL_TYPE!r}: not an "
+                              f"OpenPhenom snapshot folder; pass the OpenPhenom snapshot or its weights file")
+    return config, path
+
+
+def snapshot_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What the converter takes from a snapshot config: decoder_heads, mask_ratio (those present and valid)."""
+    out: dict[str, Any] = {}
+    decoder = config.get("decoder")
+    heads = decoder.get("num_heads") if isinstance(decoder, dict) else None
+    if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0:
+        out["decoder_heads"] = heads
+    ratio = config.get("mask_ratio")
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1:
+        out["mask_ratio"] = float(ratio)
+    return out
 
 
 def sniff_format(path: str) -> str:
@@ -402,13 +453,27 @@ def openphenom_config(enc_dims: dict[str, int], dec_dims: dict[str, int] | None,
     return c
 
 
-def convert_openphenom(weights: str, out: str, *, in_channels: int = 6, decoder: bool = True,
-                       decoder_heads: int = 16, cross_attention_heads: int = 8, decoder_norm_eps: float = 1e-5
-                       ) -> ml_collections.ConfigDict:
-    """Converts an OpenPhenom / maes_microscopy CA-MAE file into a maejax checkpoint directory `out`.
+def convert_openphenom(weights: str, out: str | None = None, *, workdir: str | None = None, in_channels: int = 6,
+                       decoder: bool = True, decoder_heads: int | None = None, cross_attention_heads: int = 8,
+                       decoder_norm_eps: float = 1e-5) -> ml_collections.ConfigDict:
+    """Converts an OpenPhenom / maes_microscopy CA-MAE file or snapshot folder into a maejax run directory
+    `workdir` (config.json + checkpoints/, what eval.job reads) or, given `out` instead, into the checkpoint
+    directory `out` itself (the older layout).
 
-    `decoder=False` converts the encoder alone even when the file holds a decoder. Returns the config.
+    `decoder=False` converts the encoder alone even when the file holds a decoder. `decoder_heads` None: the
+    snapshot config's `decoder.num_heads`, else OpenPhenom's 16. Returns the config.
     """
+    if (out is None) == (workdir is None):
+        raise ValueError("give exactly one of workdir (a run directory) and out (a bare checkpoint directory)")
+    snapshot, snapshot_path = snapshot_config(weights)
+    from_snapshot = snapshot_settings(snapshot)
+    if decoder_heads is None:
+        decoder_heads = from_snapshot.get("decoder_heads", OPENPHENOM_DECODER_HEADS)
+    ckpt_dir = out if out is not None else os.path.join(workdir, "checkpoints")
+    config_path = os.path.join(out if out is not None else workdir, "config.json")
+    if workdir is not None and os.path.exists(config_path):
+        raise FileExistsError(f"--workdir {os.path.abspath(workdir)} already holds a run (config.json); choose a new "
+                              f"directory")
     weights = weights_file(weights)
     sd = read_state_dict(weights)
     enc, dec = split_state_dict(sd, weights)
@@ -417,14 +482,22 @@ def convert_openphenom(weights: str, out: str, *, in_channels: int = 6, decoder:
     dec_dims = None
     if dec and decoder:
         dec_dims = decoder_dims(dec, weights)
+        if dec_dims["width"] % decoder_heads:
+            told = snapshot_path if "decoder_heads" in from_snapshot else "--decoder-heads"
+            raise ConversionError(f"{weights}: the decoder's width {dec_dims['width']} is not a multiple of "
+                                  f"{decoder_heads} heads (from {told}); pass --decoder-heads N")
         flat.update(decoder_params(dec, dec_dims, enc_dims["width"], enc_dims["patch"], enc_dims["grid"],
                                    decoder_heads, cross_attention_heads, weights))
     config = openphenom_config(enc_dims, dec_dims, in_channels=in_channels, decoder_heads=decoder_heads,
                                cross_attention_heads=cross_attention_heads, decoder_norm_eps=decoder_norm_eps)
+    if "mask_ratio" in from_snapshot:
+        config.model.mask_ratio = from_snapshot["mask_ratio"]
     model = model_from_flat(config.model, flat, weights)
-    source = {"format": "openphenom", "file": os.path.abspath(weights), "decoder": dec_dims is not None}
+    source = {"format": "openphenom", "file": os.path.abspath(weights), "decoder": dec_dims is not None,
+              "snapshot_config": os.path.abspath(snapshot_path) if snapshot_path else None,
+              "from_snapshot_config": from_snapshot}
     meta = {"step": 0, "config": json.loads(config.to_json()), "converted_from": source}
-    save_converted(out, model, meta)
+    save_converted(ckpt_dir, model, meta, config_path=config_path)
     return config
 
 
@@ -451,17 +524,18 @@ def model_from_flat(model_cfg: Any, flat: dict[tuple, np.ndarray], where: str) -
     return nnx.merge(graphdef, state)
 
 
-def save_converted(out: str, model: nnx.Module, meta: dict[str, Any]) -> None:
-    """Step-0 checkpoint with an identity optimiser (the optimiser item must exist and be non-empty)."""
+def save_converted(out: str, model: nnx.Module, meta: dict[str, Any], config_path: str | None = None) -> None:
+    """Step-0 checkpoint in `out` with an identity optimiser (the optimiser item must exist and be
+    non-empty), and the config at `config_path` (default `<out>/config.json`)."""
     ckpts = Checkpoints(out, keep=1, async_save=False)
     if ckpts.latest_step() is not None:
         ckpts.close()
-        raise FileExistsError(f"--out {os.path.abspath(out)} already holds a checkpoint (step "
+        raise FileExistsError(f"{os.path.abspath(out)} already holds a checkpoint (step "
                               f"{ckpts.latest_step()}); choose an empty directory")
     optimizer = nnx.Optimizer(model, optax.identity(), wrt=nnx.Param)
     ckpts.save(0, model_state=nnx.state(model), optimizer_state=nnx.state(optimizer), meta=meta, force=True)
     ckpts.close()
-    with open(os.path.join(out, "config.json"), "w") as f:
+    with open(config_path or os.path.join(out, "config.json"), "w") as f:
         json.dump(meta["config"], f, indent=2)
 
 
@@ -469,28 +543,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m maejax.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="source", required=True)
     op = sub.add_parser("openphenom", help="OpenPhenom / maes_microscopy CA-MAE (safetensors or torch pickle)")
-    op.add_argument("--weights", required=True, help="model file (format detected from its first bytes)")
-    op.add_argument("--out", required=True, help="new checkpoint directory")
+    op.add_argument("--weights", required=True,
+                    help="Hugging Face snapshot folder (model.safetensors + config.json) or the weights file "
+                         "(format detected from its first bytes)")
+    where = op.add_mutually_exclusive_group(required=True)
+    where.add_argument("--workdir", help="new run directory: config.json + checkpoints/, what "
+                                         "`python -m eval.job --workdir DIR --dataset DATASET` evaluates")
+    where.add_argument("--out", help=argparse.SUPPRESS)   # deprecated: the bare checkpoint directory
     op.add_argument("--in-channels", type=int, default=6,
                     help="training channels recorded in the config when the file has no decoder (default 6)")
     op.add_argument("--encoder-only", action="store_true", help="ignore the decoder even if the file has one")
-    op.add_argument("--decoder-heads", type=int, default=16, help="decoder self-attention heads (OpenPhenom: 16)")
+    op.add_argument("--decoder-heads", type=int, default=None,
+                    help="decoder self-attention heads (default: the snapshot config's, else OpenPhenom's 16)")
     op.add_argument("--cross-attention-heads", type=int, default=8, help="decoder cross-attention heads (8)")
     op.add_argument("--decoder-norm-eps", type=float, default=1e-5,
                     help="decoder LayerNorm eps (OpenPhenom's HF model: torch default 1e-5)")
     args = parser.parse_args(argv)
     try:
-        config = convert_openphenom(args.weights, args.out, in_channels=args.in_channels,
+        config = convert_openphenom(args.weights, args.out, workdir=args.workdir, in_channels=args.in_channels,
                                     decoder=not args.encoder_only, decoder_heads=args.decoder_heads,
                                     cross_attention_heads=args.cross_attention_heads,
                                     decoder_norm_eps=args.decoder_norm_eps)
-    except (ValueError, OSError) as e:   # ConversionError, a missing file, an --out that holds a checkpoint
+    except (ValueError, OSError) as e:   # ConversionError, a missing file, a directory that holds a checkpoint
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = config.model
-    print(f"{args.weights} -> {os.path.abspath(args.out)}: ca_mae width {m.width}, depth {m.depth}, "
+    target = os.path.abspath(args.workdir or args.out)
+    print(f"{args.weights} -> {target}: ca_mae width {m.width}, depth {m.depth}, "
           f"heads {m.num_heads}, patch {m.variant.split('/')[1]}, up to {m.max_channels} channels, "
           f"decoder: {f'{m.decoder_depth} blocks per channel' if m.decoder_depth else 'none'}")
+    if args.workdir:
+        print(f"evaluate every block: python -m eval.job --workdir {args.workdir} --dataset DATASET")
+    else:   # said after the conversion, so that a failure stays one line
+        print(f"note: --out is deprecated: it wrote the bare checkpoint directory {args.out} (for eval.embed_arrays "
+              f"--checkpoint); --workdir DIR writes a run directory that python -m eval.job --workdir DIR evaluates",
+              file=sys.stderr)
     return 0
 
 

@@ -71,6 +71,7 @@ def test_outputs(evaluated):
     saved = json.loads(open(paths["report"]).read())
     assert saved["best_block"] == report["best_block"] and saved["tasks"].keys() == report["tasks"].keys()
     assert not [k for k in saved if k.startswith("_")]
+    assert {"activity", "consistency"} <= set(saved["best"]["mean_average_precision"])   # JUMP-CP's mAP
     table = pd.read_parquet(paths["embeddings"])
     assert len(table) == report["num_wells"] == len(pd.read_parquet(dataset / "metadata.parquet")
                                                     .drop_duplicates(["experiment", "plate", "well"]))

@@ -76,6 +76,14 @@ def test_synthetic_screen_recalls_its_complexes(tmp_path, synthetic):
     assert rec["SyntheticComplex"]["recall_0.05_0.95"] == 21 / 60
     assert rec["SyntheticComplex"]["recall_0.2_0.8"] == 1.0
     assert report["consistency"]["perturbation_consistency"]["fraction_consistent"] > 0.9
+    # JUMP-CP's mAP (copairs): every gene has its complex's effect, so all are told from the controls, and
+    # each gene's 4 listed partners are its nearest genes; the 2 unrelated pairs are not retrieved
+    mean_ap = report["mean_average_precision"]
+    assert mean_ap["activity"]["num_perturbations"] == 30 and mean_ap["activity"]["fraction_retrieved"] == 1.0
+    by_source = mean_ap["consistency"]["sources"]
+    assert by_source["SyntheticComplex"]["mean_average_precision"] == 1.0
+    assert by_source["SyntheticComplex"]["fraction_retrieved"] == 1.0
+    assert by_source["Unrelated"]["num_groups"] == 4 and by_source["Unrelated"]["fraction_retrieved"] == 0.0
     code, report = _run(tmp_path, root / "screen.parquet", ann, "--sources", "Unrelated",
                         "--correction", "none", "--pca_components", "0", control="ctrl")
     assert code == 0 and [r["source"] for r in report["recall"]] == ["Unrelated"]
