@@ -20,11 +20,15 @@ from maejax import preprocess
 
 
 class Embedder:
-    """Wraps `model.embed` in a jitted, data-parallel function over uint8 (B, C, H, W) batches."""
+    """Wraps `model.embed` in a jitted, data-parallel function over uint8 (B, C, H, W) batches.
+
+    `blocks` (0-based indices) keeps only those blocks of the `blocks` output, selected on the device;
+    `compiler_options`: XLA options (maejax.step.compiler_options of the run's config)."""
 
     def __init__(self, model: nnx.Module, mesh: Mesh, batch_size: int, rules=shd.DEFAULT_RULES,
                  keys: tuple[str, ...] = ("blocks", "pooled"), normalize: str = "crop",
-                 plate_stats: dict | None = None):
+                 plate_stats: dict | None = None, blocks: tuple[int, ...] | None = None,
+                 compiler_options: dict | None = None):
         self.normalize = preprocess.check_normalization(normalize)
         if normalize == "plate" and not plate_stats:
             raise ValueError("normalize='plate' needs plate_stats (maejax.preprocess.plate_statistics)")
@@ -35,16 +39,29 @@ class Embedder:
         graphdef, state = nnx.split(model)
         in_sh = shd.batch_sharding(mesh, 4)
 
+        select = None if blocks is None else jnp.asarray(blocks, jnp.int32)
+
         def forward(state, images, moments):
             out = nnx.merge(graphdef, state).embed(preprocess.normalize(images, normalize, moments, xp=jnp))
-            return {k: out[k] for k in keys}
+            out = {k: out[k] for k in keys}
+            if select is not None and "blocks" in out:   # only the chosen blocks leave the device
+                out["blocks"] = out["blocks"][:, select]
+            return out
 
         with shd.activate(mesh, rules):
-            self._forward = jax.jit(forward, in_shardings=(None, in_sh, None))
+            self._forward = jax.jit(forward, in_shardings=(None, in_sh, None), compiler_options=compiler_options)
         self._state = state
+        # A mesh of this process's devices (also one process of a multi-process job): inputs are put on it
+        # explicitly, as jax refuses numpy inputs with a sharding in multi-process jobs.
+        self._put = (in_sh, shd.replicated(mesh)) if in_sh.is_fully_addressable else None
 
     def __call__(self, images: np.ndarray, meta: pd.DataFrame | None = None) -> dict[str, np.ndarray]:
         """uint8 (n, C, H, W) -> features; `meta` (experiment, plate per row) is needed for plate normalisation."""
+        return self.fetch(self.dispatch(images, meta))
+
+    def dispatch(self, images: np.ndarray, meta: pd.DataFrame | None = None) -> tuple[dict[str, jax.Array], int]:
+        """Starts the forward pass of one batch and returns at once (jax dispatches asynchronously), so the
+        host can read the next batch meanwhile; `fetch` waits for the features."""
         n = images.shape[0]
         if n > self.batch_size:
             raise ValueError(f"batch of {n} images is larger than the embedder's batch size {self.batch_size}")
@@ -55,23 +72,48 @@ class Embedder:
             if meta is None:
                 raise ValueError("plate normalisation needs each crop's metadata (experiment, plate)")
             moments[:n] = preprocess.plate_moments(meta, self.plate_stats)
+        if self._put is not None:
+            padded, moments = jax.device_put(padded, self._put[0]), jax.device_put(moments, self._put[1])
         with shd.activate(self.mesh, self.rules):
             out = self._forward(self._state, padded, moments)
+        return out, n
+
+    @staticmethod
+    def fetch(pending: tuple[dict[str, jax.Array], int]) -> dict[str, np.ndarray]:
+        """The features of a `dispatch`ed batch as numpy arrays (padding removed)."""
+        out, n = pending
         return {k: np.asarray(v)[:n] for k, v in out.items()}
 
     def embed_batches(self, batches: Iterable[tuple[np.ndarray, pd.DataFrame]]
                       ) -> tuple[dict[str, np.ndarray], pd.DataFrame]:
-        """Embeds (images, metadata rows) batches; returns stacked features and concatenated metadata."""
+        """Embeds (images, metadata rows) batches; returns stacked features and concatenated metadata.
+        One batch is in flight while the next is read."""
         feats: dict[str, list[np.ndarray]] = {k: [] for k in self.keys}
         metas = []
+        previous = None
         for images, meta in _chunks(batches, self.batch_size):
-            for k, v in self(images, meta).items():
-                feats[k].append(v)
+            pending = self.dispatch(images, meta)
+            if previous is not None:
+                for k, v in self.fetch(previous).items():
+                    feats[k].append(v)
+            previous = pending
             metas.append(meta)
+        if previous is not None:
+            for k, v in self.fetch(previous).items():
+                feats[k].append(v)
         if not metas:
             raise ValueError("nothing to embed: the dataset is empty")
         return ({k: np.concatenate(v) for k, v in feats.items()},
                 pd.concat(metas, ignore_index=True))
+
+
+def output_shapes(model: nnx.Module, image_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The shape of every output of `model.embed` for one image of `image_shape` (C, H, W); traced, nothing
+    computed. A crop the model cannot take (e.g. another channel count) raises here."""
+    graphdef, state = nnx.split(model)
+    x = jax.ShapeDtypeStruct((1,) + tuple(image_shape), np.float32)
+    shapes = jax.eval_shape(lambda s, im: nnx.merge(graphdef, s).embed(im), state, x)
+    return {k: tuple(v.shape) for k, v in shapes.items()}
 
 
 def _chunks(batches, size: int) -> Iterator[tuple[np.ndarray, pd.DataFrame]]:

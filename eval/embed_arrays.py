@@ -1,8 +1,14 @@
 """Embed a uint8 image array with any maejax checkpoint (trained or converted, e.g. OpenPhenom).
 
   python -m eval.embed_arrays --checkpoint DIR --images IN.npy --out OUT.npz [--batch-size 64]
+  python -m eval.embed_arrays --checkpoint DIR --images IN.npy --out DIR [--metadata META.csv] [--blocks all|1,5]
 
-IN.npy: uint8 (N, C, H, W). OUT.npz holds float32 arrays named as in OpenPhenom's reference outputs:
+IN.npy: uint8 (N, C, H, W). An --out ending in .npz holds float32 arrays named as in OpenPhenom's reference
+outputs (below). Any other --out is a folder of parquet tables in the embed job's format (eval/embeddings.py,
+eval/embed_job.py): `block_01.parquet` ... one per block of `blockwise_meanpool` (those of --blocks), and
+`predict.parquet`, `forward_head.parquet`, `channelwise.parquet`, `cls.parquet`; one row per image with
+`image_index`, the --metadata table's columns (CSV or parquet, one row per image, in order) and
+feature_0 ... feature_{D-1}: what `python -m eval.map_benchmark --features` and pycytominer read. The outputs:
   predict            (N, D)         mean of the patch tokens after the last block, no final norm
   channelwise        (N, C * D)     per-channel means of those tokens [ch0 | ch1 | ...] (channel-agnostic models)
   forward_head       (N, D)         the model's normalised pooled feature (OpenPhenom: fc_norm(predict))
@@ -18,6 +24,7 @@ import os
 
 import jax
 import numpy as np
+import pandas as pd
 from flax import nnx
 
 from eval.embed import Embedder
@@ -53,7 +60,9 @@ def embed_arrays(checkpoint: str, images: np.ndarray, *, batch_size: int | None 
                          "needs each crop's plate; embed a dataset directory with `python -m eval.job` instead")
     available = embed_keys(model, images.shape[1:])
     keys = tuple(k for k in OUTPUTS.values() if k in available)
-    embedder = Embedder(model, mesh, min(len(images), batch_size or int(config.eval.batch_size)), rules, keys)
+    level = int(config.get("xla_backend_optimization_level", -1))   # as the trainer compiles
+    embedder = Embedder(model, mesh, min(len(images), batch_size or int(config.eval.batch_size)), rules, keys,
+                        compiler_options={"xla_backend_optimization_level": level} if level >= 0 else None)
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for start in range(0, len(images), embedder.batch_size):
         for k, v in embedder(images[start:start + embedder.batch_size]).items():
@@ -70,20 +79,62 @@ def embed_keys(model: nnx.Module, image_shape: tuple[int, ...]) -> set[str]:
     return set(shapes)
 
 
+def load_metadata(path: str, rows: int) -> pd.DataFrame:
+    """A CSV/TSV/parquet table with one row per image, in the images' order."""
+    try:
+        meta = (pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
+                if path.endswith((".csv", ".csv.gz", ".tsv")) else pd.read_parquet(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the metadata table ({type(e).__name__}: {e})") from e
+    if len(meta) != rows:
+        raise ValueError(f"{path}: {len(meta)} rows, the images are {rows}; give one row per image, in order")
+    return meta.reset_index(drop=True)
+
+
+def write_parquet(out_dir: str, outputs: dict[str, np.ndarray], metadata: pd.DataFrame | None = None,
+                  blocks: str | None = "all") -> list[str]:
+    """The outputs as parquet tables in `out_dir` (module doc); returns the paths written."""
+    from eval import embeddings
+    from eval.embed_job import parse_blocks
+    n = len(next(iter(outputs.values())))
+    meta = pd.DataFrame({"image_index": np.arange(n)})
+    if metadata is not None:
+        meta = pd.concat([meta, metadata.drop(columns=["image_index"], errors="ignore")], axis=1)
+    tables = {name: v for name, v in outputs.items() if name != "blockwise_meanpool"}
+    if "blockwise_meanpool" in outputs:
+        per_block = outputs["blockwise_meanpool"]
+        for b in parse_blocks(blocks, per_block.shape[1]):
+            tables[embeddings.block_name(b)] = per_block[:, b - 1]
+    paths = []
+    for name, feats in tables.items():
+        paths.append(os.path.join(out_dir, f"{name}.parquet"))
+        embeddings.write_table(embeddings.features_table(feats, meta), paths[-1])
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval.embed_arrays", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="maejax checkpoint directory")
     parser.add_argument("--images", required=True, help="uint8 .npy array (N, C, H, W)")
-    parser.add_argument("--out", required=True, help="output .npz")
+    parser.add_argument("--out", required=True, help="output .npz, or a folder for parquet tables")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's eval.batch_size")
+    parser.add_argument("--metadata", default=None, help="parquet output: CSV/parquet table, one row per image")
+    parser.add_argument("--blocks", default="all", help="parquet output: `all` or block numbers, e.g. 1,5,12")
     args = parser.parse_args(argv)
     images = load_images(args.images)
+    metadata = load_metadata(args.metadata, len(images)) if args.metadata else None
     out = embed_arrays(args.checkpoint, images, batch_size=args.batch_size)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez(args.out, **out)
     missing = sorted(set(OUTPUTS) - set(out))
-    print(f"{args.images} {images.shape} -> {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items())
-          + (f"; not defined by this model: {', '.join(missing)}" if missing else ""))
+    note = f"; not defined by this model: {', '.join(missing)}" if missing else ""
+    if args.out.endswith(".npz"):
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        np.savez(args.out, **out)
+        print(f"{args.images} {images.shape} -> {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items())
+              + note)
+        return
+    paths = write_parquet(args.out, out, metadata, args.blocks)
+    print(f"{args.images} {images.shape} -> {args.out}: {len(paths)} parquet tables "
+          f"({', '.join(os.path.basename(p) for p in paths)}){note}")
 
 
 if __name__ == "__main__":
