@@ -346,3 +346,32 @@ def test_convert_refuses_a_used_workdir_and_keeps_out(openphenom_run, tmp_path, 
     assert convert.main(["openphenom", "--weights", str(bad), "--workdir", str(tmp_path / "w")]) == 2
     assert "model_type 'bert', not maes_microscopy's 'MAE'" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+RECALL_KEYS = ("recall_0.05_0.95", "recall_0.1_0.9")
+
+
+def test_embeddings_parquet_gives_map_benchmark_the_same_recall(rxrx3_run, tmp_path, monkeypatch, capsys):
+    """Every block's well embeddings written by eval.embed_job, fed to eval.map_benchmark with the
+    dataset's control and the shared defaults, give the recall eval.job reports for that block. Without
+    batch correction on both sides: this 45-well screen has too few control wells for TVN's whitening to
+    be well conditioned, and the two paths' features differ in the 7th digit (float32 sums in another
+    order), which is enough to move a pair across a threshold there."""
+    if annotations_lib.package_tables() is None:
+        pytest.skip("efaar_benchmarking is not installed (requirements-nodeps.txt)")
+    from eval import embed_job
+    workdir, dataset = rxrx3_run
+    code, _, err = run_eval(monkeypatch, capsys, f"--workdir={workdir}", "--tasks", "perturbation",
+                            "--out", str(tmp_path / "job"), "--eval", "correction=none")
+    assert code == 0, err
+    blocks = json.loads((tmp_path / "job" / "report.json").read_text())["blocks"]
+    assert embed_job.main([f"--workdir={workdir}", f"--dataset={dataset}", f"--out={tmp_path / 'emb'}"]) == 0
+    for k, row in enumerate(blocks, start=1):
+        out = tmp_path / f"map_{k}.json"
+        assert map_benchmark.main([
+            "--features", str(tmp_path / "emb" / "wells" / f"block_{k:02d}.parquet"),
+            "--perturbation_col", "perturbation", "--control", "EMPTY_control", "--out", str(out),
+            "--correction", "none", "--no_mean_average_precision"]) == 0
+        ours = {(r["source"], t): r[t] for r in json.loads(out.read_text())["recall"] for t in RECALL_KEYS}
+        theirs = {(r["source"], t): r[t] for r in row["recall"] for t in RECALL_KEYS}
+        assert ours == pytest.approx(theirs), (k, ours, theirs)
