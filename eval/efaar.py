@@ -11,18 +11,19 @@ float64 input reproduces the EFAAR goldens to ~1e-12 and a float32 input runs at
 The PCA is the heavy part at genome scale (322k rows x 1664 features per block): it streams row
 chunks (standardise, accumulate z^T z, project), so the standardised copy of the input is never
 materialised (peak memory ~ input + output + one chunk). On CPU the chunks go through reused numpy
-buffers (syrk for z^T z); on an accelerator through jitted jax kernels (`backend`). The rest works on
-(rows x components) matrices and stays in numpy.
+buffers (syrk for z^T z) in the input's memory order, so a column-major matrix (as
+eval.map_benchmark reads a parquet file) is streamed as it is; on an accelerator through jitted jax
+kernels (`backend`; jax is imported only then). The rest works on (rows x components) matrices and
+stays in numpy.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
+import sys
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from scipy import linalg, sparse
@@ -62,6 +63,7 @@ def single_threaded_lapack() -> contextlib.AbstractContextManager:
 
 def _precision(dtype) -> contextlib.AbstractContextManager:
     """float64 inputs need jax's x64 mode; scoped so the caller's jax config is untouched."""
+    import jax
     return jax.enable_x64(True) if np.dtype(dtype) == np.float64 else contextlib.nullcontext()
 
 
@@ -104,19 +106,50 @@ def _pieces(codes: np.ndarray, num_groups: int, chunk_rows: int):
 def _use_jax(backend: str) -> bool:
     """'numpy' streams through host buffers (fastest on CPU: no host->device copies, and numpy's
     syrk does half the flops of a dot for z^T z); 'jax' runs jitted chunk kernels (accelerators);
-    'auto' picks jax only when jax's default device is not a CPU."""
+    'auto' picks jax only when the process has imported jax and jax's default device is not a CPU
+    (a process that never imported jax holds its data on the host, and is not made to import it)."""
     if backend not in ("auto", "numpy", "jax"):
         raise ValueError(f"backend must be 'auto', 'numpy' or 'jax', got {backend!r}")
-    return backend == "jax" or (backend == "auto" and jax.default_backend() != "cpu")
+    if backend == "auto":
+        return "jax" in sys.modules and sys.modules["jax"].default_backend() != "cpu"
+    return backend == "jax"
 
 
-@functools.partial(jax.jit, static_argnames="num_groups")
-def _moments_kernel(x, codes, shift, num_groups: int):
-    """Per-group row count, sum and sum of squares of x - shift[group]."""
-    centered = x - shift[codes]
-    count = jax.ops.segment_sum(jnp.ones(len(x), x.dtype), codes, num_groups)
-    return (count, jax.ops.segment_sum(centered, codes, num_groups),
-            jax.ops.segment_sum(centered * centered, codes, num_groups))
+@functools.cache
+def _jax_kernels():
+    """The jitted chunk kernels of the jax backend (built, and jax imported, on first use)."""
+    import jax
+    import jax.numpy as jnp
+
+    @functools.partial(jax.jit, static_argnames="num_groups")
+    def moments(x, codes, shift, num_groups: int):
+        """Per-group row count, sum and sum of squares of x - shift[group]."""
+        centered = x - shift[codes]
+        count = jax.ops.segment_sum(jnp.ones(len(x), x.dtype), codes, num_groups)
+        return (count, jax.ops.segment_sum(centered, codes, num_groups),
+                jax.ops.segment_sum(centered * centered, codes, num_groups))
+
+    @jax.jit
+    def gram(x, codes, mean, inv_scale):
+        z = (x - mean[codes]) * inv_scale[codes]
+        return z.T @ z, z.sum(axis=0)
+
+    @jax.jit
+    def project(x, codes, mean, inv_scale, center, components):
+        z = (x - mean[codes]) * inv_scale[codes]
+        return (z - center) @ components.T
+
+    return jnp, moments, gram, project
+
+
+def _buffer_like(buf: np.ndarray, piece: np.ndarray) -> np.ndarray:
+    """A view of the head of a flat buffer shaped like `piece` (rows, d), in its memory order: pieces of a
+    column-major matrix get a column-major view, so the elementwise passes and BLAS read and write
+    contiguous columns rather than transposing."""
+    m, d = piece.shape
+    if piece.strides[0] < piece.strides[1]:
+        return buf[:m * d].reshape(d, m).T
+    return buf[:m * d].reshape(m, d)
 
 
 def batch_moments(x: np.ndarray, codes: np.ndarray, num_groups: int, chunk_rows: int = CHUNK_ROWS,
@@ -131,24 +164,25 @@ def batch_moments(x: np.ndarray, codes: np.ndarray, num_groups: int, chunk_rows:
     count = np.zeros(num_groups)
     shift, dev, sq = np.zeros((num_groups, d)), np.zeros((num_groups, d)), np.zeros((num_groups, d))
     if _use_jax(backend):
+        jnp, moments_kernel, _, _ = _jax_kernels()
         with _precision(dt):
             for g in range(num_groups):   # shift: the mean of each group's first rows
                 rows = np.flatnonzero(codes == g)[:chunk_rows]
                 shift[g] = x[rows].mean(axis=0, dtype=np.float64) if len(rows) else 0.0
             shift_j = jnp.asarray(shift, dt)
             for sl in _chunks(len(x), chunk_rows):
-                c, s, s2 = _moments_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), shift_j, num_groups)
+                c, s, s2 = moments_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), shift_j, num_groups)
                 count, dev, sq = count + np.asarray(c), dev + np.asarray(s), sq + np.asarray(s2)
         shift = shift.astype(dt).astype(np.float64)   # the kernel subtracted the rounded shift
     else:
-        buf = np.empty((min(chunk_rows, len(x)), d), dt)
+        buf = np.empty(min(chunk_rows, len(x)) * d, dt)
         seen = np.zeros(num_groups, bool)
         for rows, g in _pieces(codes, num_groups, chunk_rows):
             piece = x[rows]
             if not seen[g]:
                 seen[g] = True
                 shift[g] = piece.mean(axis=0, dtype=np.float64).astype(dt)
-            z = buf[:len(piece)]
+            z = _buffer_like(buf, piece)
             np.subtract(piece, shift[g].astype(dt), out=z)
             count[g] += len(piece)
             dev[g] += z.sum(axis=0, dtype=np.float64)
@@ -169,18 +203,6 @@ def centerscale_by_batch(features: np.ndarray, batches=None) -> np.ndarray:
 
 
 # --- PCA ----------------------------------------------------------------------------------------
-
-@jax.jit
-def _gram_kernel(x, codes, mean, inv_scale):
-    z = (x - mean[codes]) * inv_scale[codes]
-    return z.T @ z, z.sum(axis=0)
-
-
-@jax.jit
-def _project_kernel(x, codes, mean, inv_scale, center, components):
-    z = (x - mean[codes]) * inv_scale[codes]
-    return (z - center) @ components.T
-
 
 def _n_components(n_components, explained: np.ndarray, limit: int) -> int:
     """sklearn semantics: int, None (all) or a variance fraction in (0, 1)."""
@@ -223,13 +245,14 @@ def _pca_on_standardized(x, codes, num_groups, mean, scale, n_components, chunk_
     inv = 1.0 / scale
     gram, total = np.zeros((d, d)), np.zeros(d)
     if _use_jax(backend):
+        jnp, _, gram_kernel, project_kernel = _jax_kernels()
         with _precision(dt):
             mean_j, inv_j = jnp.asarray(mean, dt), jnp.asarray(inv, dt)
             for sl in _chunks(n, chunk_rows):
-                g, s = _gram_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), mean_j, inv_j)
+                g, s = gram_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]), mean_j, inv_j)
                 gram, total = gram + np.asarray(g), total + np.asarray(s)
     else:
-        buf = np.empty((min(chunk_rows, n), d), dt)
+        buf = np.empty(min(chunk_rows, n) * d, dt)
         for rows, g in _pieces(codes, num_groups, chunk_rows):
             z = _standardize_into(buf, x[rows], mean[g], inv[g])
             gram += z.T @ z          # same buffer on both sides: numpy calls syrk
@@ -241,8 +264,8 @@ def _pca_on_standardized(x, codes, num_groups, mean, scale, n_components, chunk_
         with _precision(dt):
             comp_j, center_j = jnp.asarray(components, dt), jnp.asarray(center, dt)
             for sl in _chunks(n, chunk_rows):
-                out[sl] = np.asarray(_project_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]),
-                                                     mean_j, inv_j, center_j, comp_j))
+                out[sl] = np.asarray(project_kernel(jnp.asarray(x[sl]), jnp.asarray(codes[sl]),
+                                                    mean_j, inv_j, center_j, comp_j))
     else:
         axes = np.ascontiguousarray(components.T, dt)
         for rows, g in _pieces(codes, num_groups, chunk_rows):
@@ -272,8 +295,8 @@ def _top_axes(cov: np.ndarray, n_components, n: int) -> tuple[np.ndarray, np.nda
 
 
 def _standardize_into(buf: np.ndarray, piece: np.ndarray, mean: np.ndarray, inv: np.ndarray) -> np.ndarray:
-    """(piece - mean) * inv written into the head of a reused buffer (no allocation per chunk)."""
-    z = buf[:len(piece)]
+    """(piece - mean) * inv written into the head of a reused flat buffer (no allocation per chunk)."""
+    z = _buffer_like(buf, piece)
     np.subtract(piece, mean.astype(buf.dtype), out=z)
     z *= inv.astype(buf.dtype)
     return z

@@ -19,26 +19,32 @@ experiment`, and the EFAAR 1.0 relationship tables of the installed efaar_benchm
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from eval import consistency, efaar, plots, recall
-from eval import mean_average_precision as map_lib
+from eval import consistency, efaar, recall
 from eval.annotations import find_annotations
 
 FEATURE_PREFIX = "feature_"
+READ_BYTES = 16 << 20  # features decoded per pyarrow call: the reader's memory on top of the matrix
+
+
+def _is_text_table(path: str) -> bool:
+    return path.endswith((".csv", ".csv.gz", ".tsv"))
 
 
 def _read_table(path: str) -> pd.DataFrame:
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist")
-    if path.endswith((".csv", ".csv.gz", ".tsv")):
+    if _is_text_table(path):
         return pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
     try:
         return pd.read_parquet(path)
@@ -46,54 +52,139 @@ def _read_table(path: str) -> pd.DataFrame:
         raise ValueError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from e
 
 
-def load_embeddings(path: str, metadata_path: str | None = None, join_on: str = "well_id",
-                    where: Sequence[str] = (), average_by: str | None = None,
-                    dtype: str | None = None) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
-    """Reads a `feature_*` table (+ optional metadata join, filters, per-key averaging).
+def _features_dtype(types: Sequence) -> np.dtype:
+    """The dtype pandas' `df[feature_cols].to_numpy()` gives these arrow columns, made floating as
+    load_embeddings does (ints -> float64; a boolean column makes pandas' common type object -> float64)."""
+    import pyarrow as pa
+    if any(pa.types.is_boolean(t) for t in types):
+        return np.dtype(np.float64)
+    dt = np.result_type(*[t.to_pandas_dtype() for t in types])
+    return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
 
-    Returns (features (rows, d), metadata (rows, ...), feature column names).
-    """
-    df = _read_table(path)
-    feature_cols = [c for c in df.columns if str(c).startswith(FEATURE_PREFIX)]
+
+def _read_parquet_features(path: str, dtype: str | None) -> tuple[np.ndarray, pd.DataFrame, list[str], bool]:
+    """A parquet file's `feature_*` columns straight into one (rows, d) array, metadata as a DataFrame,
+    and whether every feature is finite (each column checked right after its copy, while in cache).
+
+    The features are decoded READ_BYTES at a time (a group of columns over all row groups) and copied
+    into a preallocated column-major array, so reading adds one group of columns to the matrix itself:
+    no pandas frame of the features, no float64 upcast of a float32 file. The metadata columns go
+    through pandas' own reader, so they are what `pd.read_parquet` gives."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a non-parquet file
+        raise ValueError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from e
+    schema = pf.schema_arrow
+    index_cols = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+    names = [c for c in schema.names if c not in index_cols]
+    feature_cols = [c for c in names if c.startswith(FEATURE_PREFIX)]
+    meta = pd.read_parquet(path, columns=[c for c in names if c not in feature_cols])
     if not feature_cols:
-        raise ValueError(f"{path}: no '{FEATURE_PREFIX}*' columns (columns: {list(df.columns)[:20]})")
-    bad = [c for c in feature_cols if not pd.api.types.is_numeric_dtype(df[c])]
+        raise ValueError(f"{path}: no '{FEATURE_PREFIX}*' columns (columns: {names[:20]})")
+    types = [schema.field(c).type for c in feature_cols]
+    bad = [c for c, t in zip(feature_cols, types)
+           if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t))]
     if bad:
         raise ValueError(f"{path}: feature columns are not numeric: {bad[:10]}")
-    if metadata_path:
-        meta = _read_table(metadata_path)
-        for name, table in ((path, df), (metadata_path, meta)):
-            if join_on not in table.columns:
-                raise ValueError(f"{name}: no join column {join_on!r}")
-        meta = meta.drop(columns=[c for c in meta.columns if c in df.columns and c != join_on])
-        df = df.merge(meta, on=join_on, how="inner")
-        if df.empty:
-            raise ValueError(f"no {join_on!r} value of {path} occurs in {metadata_path}")
-    for cond in where:
-        col, sep, value = cond.partition("=")
-        if not sep or col not in df.columns:
-            raise ValueError(f"--where {cond!r}: expected COLUMN=VALUE with a column of {path}")
-        df = df[df[col].astype(str) == value]
-        if df.empty:
-            raise ValueError(f"--where {cond!r} leaves no rows")
-    if average_by:
-        if average_by not in df.columns:
-            raise ValueError(f"{path}: no column {average_by!r} to average by")
-        meta_cols = [c for c in df.columns if c not in feature_cols]
-        df = df.groupby(average_by, sort=False).agg(
-            {**{c: "mean" for c in feature_cols}, **{c: "first" for c in meta_cols if c != average_by}}
-        ).reset_index()
-    features = df[feature_cols].to_numpy()
-    if dtype:
-        features = features.astype(dtype)
-    elif not np.issubdtype(features.dtype, np.floating):
-        features = features.astype(np.float64)
+    dt = np.dtype(dtype) if dtype else _features_dtype(types)
+    rows = pf.metadata.num_rows
+    features = np.empty((len(feature_cols), rows), dt).T      # column-major: one contiguous copy per column
+    step = max(1, min(len(feature_cols), READ_BYTES // max(1, rows * dt.itemsize)))
+    finite = True
+    for first in range(0, len(feature_cols), step):
+        table = pf.read(columns=feature_cols[first:first + step], use_threads=True, use_pandas_metadata=False)
+        for j, column in enumerate(table.itercolumns()):
+            start = 0
+            for chunk in column.chunks:
+                if chunk.null_count and not pa.types.is_floating(chunk.type):
+                    chunk = chunk.cast(pa.float64())           # nulls -> NaN, reported below as pandas would
+                features[start:start + len(chunk), first + j] = chunk.to_numpy(zero_copy_only=False)
+                start += len(chunk)
+            finite = finite and bool(np.isfinite(features[:, first + j]).all())
+        del table
+    return features, meta.reset_index(drop=True), feature_cols, finite
+
+
+def _check_finite(features: np.ndarray, path: str, feature_cols: Sequence[str]) -> None:
+    """Every feature finite; the quick test is one float64 column sum (NaN/inf propagate), the rows and
+    columns are found only when it fails."""
+    if np.isfinite(np.add.reduce(features, axis=0, dtype=np.float64)).all():
+        return
     nan_rows = ~np.isfinite(features).all(axis=1)
     if nan_rows.any():
         cols = [c for c, bad in zip(feature_cols, ~np.isfinite(features).all(axis=0)) if bad]
         raise ValueError(f"{path}: {int(nan_rows.sum())} rows have NaN/inf features "
                          f"(columns {cols[:10]}); drop or impute them first")
-    return features, df.drop(columns=feature_cols).reset_index(drop=True), feature_cols
+
+
+def load_embeddings(path: str, metadata_path: str | None = None, join_on: str = "well_id",
+                    where: Sequence[str] = (), average_by: str | None = None,
+                    dtype: str | None = None) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
+    """Reads a `feature_*` table (+ optional metadata join, filters, per-key averaging).
+
+    Returns (features (rows, d), metadata (rows, ...), feature column names). A parquet file's features
+    are read column by column into one array (`_read_parquet_features`), which is then column-major
+    (Fortran order); the metadata join and the filters act on the metadata and select rows of it once.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist")
+    if _is_text_table(path):
+        df = _read_table(path)
+        feature_cols = [c for c in df.columns if str(c).startswith(FEATURE_PREFIX)]
+        if not feature_cols:
+            raise ValueError(f"{path}: no '{FEATURE_PREFIX}*' columns (columns: {list(df.columns)[:20]})")
+        bad = [c for c in feature_cols if not pd.api.types.is_numeric_dtype(df[c])]
+        if bad:
+            raise ValueError(f"{path}: feature columns are not numeric: {bad[:10]}")
+        features, meta = df[feature_cols].to_numpy(), df.drop(columns=feature_cols).reset_index(drop=True)
+        del df
+        finite = False   # not checked yet
+    else:
+        features, meta, feature_cols, finite = _read_parquet_features(path, dtype)
+    rows = None   # the rows kept, in order (None: all, as read)
+    if metadata_path:
+        other = _read_table(metadata_path)
+        for name, table in ((path, meta), (metadata_path, other)):
+            if join_on not in table.columns:
+                raise ValueError(f"{name}: no join column {join_on!r}")
+        taken = set(meta.columns) | set(feature_cols)
+        other = other.drop(columns=[c for c in other.columns if c in taken and c != join_on])
+        row_col = "__row__"   # each joined row's row in the file
+        while row_col in meta.columns or row_col in other.columns:
+            row_col += "_"
+        meta = meta.assign(**{row_col: np.arange(len(meta))}).merge(other, on=join_on, how="inner")
+        if meta.empty:
+            raise ValueError(f"no {join_on!r} value of {path} occurs in {metadata_path}")
+        rows = meta.pop(row_col).to_numpy()
+    for cond in where:
+        col, sep, value = cond.partition("=")
+        if not sep or (col not in meta.columns and col not in feature_cols):
+            raise ValueError(f"--where {cond!r}: expected COLUMN=VALUE with a column of {path}")
+        values = meta[col] if col in meta.columns else pd.Series(
+            features[:, feature_cols.index(col)] if rows is None else features[rows, feature_cols.index(col)])
+        keep = (values.astype(str) == value).to_numpy()
+        meta = meta[keep].reset_index(drop=True)
+        rows = np.flatnonzero(keep) if rows is None else rows[keep]
+        if meta.empty:
+            raise ValueError(f"--where {cond!r} leaves no rows")
+    if rows is not None and not np.array_equal(rows, np.arange(len(features))):
+        features = features[rows]
+    if average_by:
+        if average_by not in meta.columns:
+            raise ValueError(f"{path}: no column {average_by!r} to average by")
+        key = meta[average_by].reset_index(drop=True)
+        features = pd.DataFrame(features, columns=feature_cols).groupby(key, sort=False).mean().to_numpy()
+        meta = meta.reset_index(drop=True).drop(columns=[average_by]).groupby(key, sort=False).first().reset_index()
+        finite = False
+    if dtype:
+        features = features.astype(dtype, copy=False)
+    elif not np.issubdtype(features.dtype, np.floating):
+        features = features.astype(np.float64)
+    if not finite:   # (a selection of rows of finite parquet features, already in the asked dtype, is finite)
+        _check_finite(features, path, feature_cols)
+    return features, meta.reset_index(drop=True), feature_cols
 
 
 def _check_column(meta: pd.DataFrame, col: str, flag: str, path: str) -> np.ndarray:
@@ -142,13 +233,33 @@ def evaluate_map(features: np.ndarray, perturbations, control, batches, annotati
     relationship tables are checked against the map's perturbations first, so a bad table fails
     before any computing.
     """
+    _check_tables(perturbations, control, drop, annotations, sources)
+    pmap = efaar.build_map(features, np.asarray(perturbations), control, batches, pca_components=pca_components,
+                           pca_batches=pca_batches, correction=correction, method=method, drop=drop)
+    return benchmark_map(pmap, perturbations, control, batches, annotations, drop=drop, sources=sources,
+                         thresholds=thresholds, negative_controls=negative_controls, seed=seed,
+                         replicates=replicates, mean_average_precision=mean_average_precision,
+                         null_cache_dir=null_cache_dir)
+
+
+def _check_tables(perturbations, control, drop: Sequence, annotations, sources) -> None:
+    """The relationship tables checked against the map's perturbations, so a bad table fails before any
+    computing (eval.recall.known_pair_positions)."""
+    perts = np.asarray(perturbations)
+    kept = perts[~pd.Index(perts).isin([control, *drop])]
+    recall.known_pair_positions(np.unique(kept.astype(str)), annotations, sources)
+
+
+def benchmark_map(pmap: efaar.PerturbationMap, perturbations, control, batches, annotations, *,
+                  drop: Sequence = (), sources=None, thresholds=recall.RECALL_THRESHOLDS,
+                  negative_controls: Sequence | None = None, seed: int = 0, replicates=None,
+                  mean_average_precision: bool = True, null_cache_dir: str | None = None):
+    """The benchmarks of `evaluate_map` on a map already built (its second half); same arguments and returns.
+    They work on (rows x components) matrices only, so the caller may free the map's input features first."""
     perts = np.asarray(perturbations)
     dropped = [control, *drop]
-    kept = perts[~pd.Index(perts).isin(dropped)]
-    recall.known_pair_positions(np.unique(kept.astype(str)), annotations, sources)
-    pmap = efaar.build_map(features, perts, control, batches, pca_components=pca_components,
-                           pca_batches=pca_batches, correction=correction, method=method, drop=drop)
     sims = recall.relationship_similarities(pmap.features, pmap.labels, annotations, sources)
+    recall_records = recall.recall_table(sims, thresholds)
     if negative_controls:
         table = consistency.perturbation_consistency(pmap.embeddings, perts, negative_controls,
                                                      drop=dropped)
@@ -161,12 +272,20 @@ def evaluate_map(features: np.ndarray, perturbations, control, batches, annotati
         "replicate_consistency": consistency.replicate_consistency(
             pmap.embeddings, perts, batches if replicates is None else replicates, drop=dropped, seed=seed),
     }
-    report = {"recall": recall.recall_table(sims, thresholds), "consistency": summary}
+    report = {"recall": recall_records, "consistency": summary}
     if mean_average_precision:
+        from eval import mean_average_precision as map_lib   # copairs: imported only when asked for
         report["mean_average_precision"] = map_lib.map_report(
             pmap.embeddings, perts, control, batches, pmap.features, pmap.labels, annotations, list(sims.queries),
             drop=drop, seed=seed, cache_dir=null_cache_dir)
     return report, pmap, sims
+
+
+def _import_in_background(module: str) -> None:
+    """Imports a module in a daemon thread. The map's PCA runs largely single-threaded numpy and BLAS
+    code that releases the GIL, leaving a core for the import (scipy.stats, for the replicate
+    consistency, takes ~1.4 s of pure Python). A later `import` of the module waits for this one."""
+    threading.Thread(target=importlib.import_module, args=(module,), name=f"import {module}", daemon=True).start()
 
 
 def _check_replicates(meta: pd.DataFrame, perts: np.ndarray, replicates: np.ndarray, dropped: Sequence[str],
@@ -211,21 +330,27 @@ def run(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t
 
     t = time.perf_counter()
-    report, pmap, sims = evaluate_map(
-        features, perts, args.control, batches, args.annotations,
-        pca_components=pca_components_for(args.pca_components, *features.shape),
-        pca_batches=pca_batches, correction=args.correction, method=args.aggregate, drop=args.drop,
-        sources=args.sources, thresholds=thresholds,
-        negative_controls=_negative_controls(args.negative_controls), seed=args.seed, replicates=replicates,
-        mean_average_precision=args.mean_average_precision)
+    rows, dims = features.shape
+    _check_tables(perts, args.control, args.drop, args.annotations, args.sources)
+    _import_in_background("scipy.stats")
+    pmap = efaar.build_map(features, perts, args.control, batches,
+                           pca_components=pca_components_for(args.pca_components, rows, dims),
+                           pca_batches=pca_batches, correction=args.correction, method=args.aggregate,
+                           drop=args.drop)
+    del features   # the benchmarks need only the map: the peak memory is the read matrix + the PCA's
+    report, pmap, sims = benchmark_map(
+        pmap, perts, args.control, batches, args.annotations, drop=args.drop, sources=args.sources,
+        thresholds=thresholds, negative_controls=_negative_controls(args.negative_controls), seed=args.seed,
+        replicates=replicates, mean_average_precision=args.mean_average_precision)
     report["consistency"]["replicate_consistency"]["replicates"] = replicate_col
-    report["map"] = {"rows": int(len(features)), "features": int(features.shape[1]),
+    report["map"] = {"rows": int(rows), "features": int(dims),
                      "dims": int(pmap.features.shape[1]), "perturbations": int(len(pmap.labels)),
                      "control_rows": int((perts == args.control).sum()),
                      "batches": int(len(pd.unique(batches)))}
     report["config"] = dict(vars(args))
     report["timings_s"] = {"load": round(load_s, 3), "benchmark": round(time.perf_counter() - t, 3)}
     if args.plot:
+        from eval import plots   # matplotlib: imported only when a plot is asked for
         plots.plot_similarity_distribution(sims, args.plot, thresholds[:1],
                                            title=os.path.basename(args.features))
     with open(args.out, "w") as f:

@@ -97,9 +97,9 @@ def _parse_table(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.nd
     if _header_fields(header) != TABLE_HEADER:
         raise ValueError(_wrong_header(Path(path), header) if header.strip() else
                          f"{path}: empty file; a relationship table starts with the header 'entity1,entity2'")
-    # Plain strings: no NA parsing, so a symbol that pandas would read as NaN stays a symbol.
+    # Plain strings (Python str objects): no NA parsing, so a symbol that pandas would read as NaN stays a symbol.
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skipinitialspace=True,
+        df = pd.read_csv(path, dtype=object, keep_default_na=False, na_filter=False, skipinitialspace=True,
                          encoding="utf-8-sig")
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable CSV ({' '.join(str(e).split())})") from e
@@ -110,15 +110,20 @@ def _parse_table(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.nd
     if df.empty:
         raise ValueError(f"{path}: no gene pairs, only the header; fill the table or remove it from "
                          f"{Path(path).parent}")
-    a = df["entity1"].to_numpy(dtype=str)
-    b = df["entity2"].to_numpy(dtype=str)
+    a = df["entity1"].to_numpy(dtype=object)
+    b = df["entity2"].to_numpy(dtype=object)
     # Undirected: order each pair (code-point order, as Python's sorted), drop self-pairs and dups.
-    first, second = np.where(a <= b, a, b), np.where(a <= b, b, a)
+    in_order = a <= b
+    first, second = np.where(in_order, a, b), np.where(in_order, b, a)
     keep = first != second
     if not keep.any():
         raise ValueError(f"{path}: no gene pairs, every one of its {len(df)} rows pairs a gene with itself")
-    pairs = pd.DataFrame({"e1": first[keep], "e2": second[keep]}).drop_duplicates()
-    return pairs["e1"].to_numpy(), pairs["e2"].to_numpy()
+    first, second = first[keep], second[keep]
+    # First occurrence of each pair, in table order (DataFrame.drop_duplicates), on integer codes.
+    codes, genes = pd.factorize(np.concatenate([first, second]))
+    _, once = np.unique(codes[:len(first)].astype(np.int64) * len(genes) + codes[len(first):], return_index=True)
+    once.sort()
+    return first[once], second[once]
 
 
 def load_relationships(annotation_dir: str | os.PathLike, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +260,7 @@ def compute_recall(null: np.ndarray, query: np.ndarray, thresholds=RECALL_THRESH
     Returns {null_distribution_size, query_distribution_size, recall_{lo}_{hi} ...}.
     """
     null = np.asarray(null) if null_is_sorted else np.sort(null)
-    query = np.asarray(query)
+    query = np.sort(query)   # counts only: sorted keys make numpy's binary searches into a large null local
     if len(null) == 0 or len(query) == 0:
         raise ValueError(f"recall needs a non-empty null and query (got {len(null)}, {len(query)})")
     left = np.searchsorted(null, query, side="left") / len(null)

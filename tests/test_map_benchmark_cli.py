@@ -114,3 +114,93 @@ def test_bad_inputs_exit_with_a_clear_message(tmp_path, synthetic, capsys, mutat
     code, _ = _run(tmp_path, tmp_path / "bad.parquet", ann, *extra, control="ctrl")
     assert code == 2
     assert pytest.importorskip("re").search(message, capsys.readouterr().err)
+
+
+# --- the parquet reader: features column by column into one array, the same as the pandas path ------------
+
+def _pandas_reference(path, metadata_path=None, join_on="well_id", where=(), average_by=None, dtype=None):
+    """load_embeddings as it was written with pandas (whole frame read, merged, filtered, averaged)."""
+    df = pd.read_parquet(path)
+    cols = [c for c in df.columns if str(c).startswith("feature_")]
+    if metadata_path:
+        meta = pd.read_csv(metadata_path)
+        meta = meta.drop(columns=[c for c in meta.columns if c in df.columns and c != join_on])
+        df = df.merge(meta, on=join_on, how="inner")
+    for cond in where:
+        col, _, value = cond.partition("=")
+        df = df[df[col].astype(str) == value]
+    if average_by:
+        meta_cols = [c for c in df.columns if c not in cols]
+        df = df.groupby(average_by, sort=False).agg(
+            {**{c: "mean" for c in cols}, **{c: "first" for c in meta_cols if c != average_by}}).reset_index()
+    x = df[cols].to_numpy()
+    x = x.astype(dtype) if dtype else (x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64))
+    return x, df.drop(columns=cols).reset_index(drop=True), cols
+
+
+def _same(got, want):
+    np.testing.assert_array_equal(got[0], want[0])
+    assert got[0].dtype == want[0].dtype and got[2] == want[2]
+    pd.testing.assert_frame_equal(got[1], want[1])
+
+
+@pytest.fixture()
+def wells(tmp_path):
+    """A float32 wells table written by pandas: interleaved metadata, a non-range index, 3 row groups."""
+    rng = np.random.default_rng(3)
+    n = 90
+    df = pd.DataFrame(rng.standard_normal((n, 6)).astype(np.float32), columns=[f"feature_{i}" for i in range(6)],
+                      index=np.arange(n) + 1000)
+    df.insert(2, "well_id", [f"w{i % 30}" for i in range(n)])
+    df["gene"] = rng.choice(["g1", "g2", "ctrl"], n)
+    df["plate"] = rng.integers(0, 3, n)
+    path = tmp_path / "wells.parquet"
+    df.to_parquet(path, row_group_size=32)
+    meta = pd.DataFrame({"well_id": [f"w{i}" for i in range(0, 30, 2)], "kind": ["a", "b", "a"] * 5,
+                         "gene": "shadowed"})
+    meta.to_csv(tmp_path / "meta.csv", index=False)
+    return path, tmp_path / "meta.csv"
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"dtype": "float64"}, {"where": ["gene=g1"]}, {"where": ["plate=2", "gene=ctrl"]}, {"average_by": "well_id"},
+    {"metadata": True}, {"metadata": True, "where": ["kind=a"], "average_by": "well_id"},
+])
+def test_parquet_reader_equals_the_pandas_path(wells, monkeypatch, kwargs):
+    path, meta_csv = wells
+    monkeypatch.setattr(map_benchmark, "READ_BYTES", 90 * 4 * 4)   # 4 columns per read: several groups
+    kwargs = dict(kwargs)
+    if kwargs.pop("metadata", False):
+        kwargs["metadata_path"] = str(meta_csv)
+    got = map_benchmark.load_embeddings(str(path), **kwargs)
+    _same(got, _pandas_reference(str(path), **kwargs))
+    if not kwargs:
+        assert got[0].flags.f_contiguous and got[0].dtype == np.float32   # read as it is stored, column-major
+
+
+def test_parquet_reader_dtypes_and_nulls(tmp_path, capsys):
+    n = 40
+    rng = np.random.default_rng(0)
+    base = {"gene": [f"g{i % 4}" for i in range(n)], "batch": ["b0", "b1"] * (n // 2)}
+    cases = {
+        "mixed": {"feature_0": rng.standard_normal(n).astype(np.float32), "feature_1": rng.standard_normal(n)},
+        "ints": {"feature_0": rng.integers(0, 9, n), "feature_1": rng.integers(0, 9, n).astype(np.int32)},
+        "bools": {"feature_0": rng.random(n) > 0.5, "feature_1": rng.standard_normal(n).astype(np.float32)},
+        "half": {"feature_0": rng.standard_normal(n).astype(np.float16)},
+    }
+    for name, cols in cases.items():
+        pd.DataFrame({**cols, **base}).to_parquet(tmp_path / f"{name}.parquet")
+        for dtype in (None, "float32"):
+            _same(map_benchmark.load_embeddings(str(tmp_path / f"{name}.parquet"), dtype=dtype),
+                  _pandas_reference(str(tmp_path / f"{name}.parquet"), dtype=dtype))
+    nulls = pd.DataFrame({"feature_0": pd.array([1.0, None, 3.0] * 10, dtype="Float32"),
+                          "feature_1": pd.array([1, 2, None] * 10, dtype="Int64"), "gene": "g", "batch": "b"})
+    nulls.to_parquet(tmp_path / "nulls.parquet")
+    with pytest.raises(ValueError, match=r"20 rows have NaN/inf features \(columns \['feature_0', 'feature_1'\]\)"):
+        map_benchmark.load_embeddings(str(tmp_path / "nulls.parquet"))
+    pd.DataFrame({"feature_0": ["a", "b"], "gene": "g"}).to_parquet(tmp_path / "text.parquet")
+    with pytest.raises(ValueError, match=r"feature columns are not numeric: \['feature_0'\]"):
+        map_benchmark.load_embeddings(str(tmp_path / "text.parquet"))
+    (tmp_path / "not.parquet").write_text("feature_0,gene\n1,g\n")
+    with pytest.raises(ValueError, match="cannot read as parquet"):
+        map_benchmark.load_embeddings(str(tmp_path / "not.parquet"))
