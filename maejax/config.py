@@ -13,7 +13,25 @@ from typing import Any
 
 import ml_collections
 
-from maejax.sharding import DEFAULT_RULES
+# Logical axis -> mesh axes (MaxText's rules table): parameter, activation and input shardings follow from
+# it (maejax/sharding.py). Defaults: FSDP over the model width of every large weight, tensor parallelism
+# over heads and MLP, batch over (data, fsdp); norm scales, biases over "embed" and position tables stay
+# replicated. Kept here, free of jax, so reading a config or its defaults imports no jax.
+DEFAULT_RULES: tuple[tuple[str, object], ...] = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("layers", None),
+    ("norm", None),
+    ("patch", None),
+    ("classes", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+)
 
 
 def base() -> ml_collections.ConfigDict:

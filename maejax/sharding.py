@@ -17,25 +17,10 @@ from flax.core import spmd
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from maejax.config import DEFAULT_RULES  # the rules table lives with the config (jax-free)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Default rules: FSDP over the model width of every large weight, tensor parallelism over heads and MLP,
-# batch over (data, fsdp). Norm scales, biases over "embed" and position tables stay replicated.
-DEFAULT_RULES: tuple[tuple[str, object], ...] = (
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("layers", None),
-    ("norm", None),
-    ("patch", None),
-    ("classes", None),
-    ("act_batch", ("data", "fsdp")),
-    ("act_seq", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
-)
 
 
 class MeshError(ValueError):
