@@ -4,9 +4,13 @@
       --config.data.dir=runs/demo/dataset
 
 Presets: `demo` (the main job: a small ViT/8 on the 402-gene screen), `fast` (the same on the 210-gene
-screen, fewer steps), `tiny` (tests: seconds), `paper` (ViT-S/16 recipe of the papers at 256 px: Lion, lr 1e-4, 10% warm-up).
+screen, fewer steps), `tiny` (tests: seconds), `paper` (ViT-S/16 recipe of the papers at 256 px: the Recursion
+encoder of configs/model_zoo.py, Lion, lr 1e-4, 10% warm-up).
 """
+from configs.model_zoo import RECURSION_ENCODER
 from maejax.config import base, parse_arg
+
+PRESETS = ("demo", "fast", "tiny", "paper")
 
 
 def synthetic_map_settings(c, pca_components: int = 64):
@@ -67,6 +71,7 @@ def get_config(arg=None):
         c = get_config("preset=demo")
         c.total_steps = 600
     elif arg.preset == "paper":
+        c.model.update(RECURSION_ENCODER)
         c.model.variant = "S/16"
         c.data.batch_size = 2048
         c.data.crop_size = 256
@@ -78,7 +83,7 @@ def get_config(arg=None):
         c.model.drop_path = 0.1
         c.model.dtype = "bfloat16"
     else:
-        raise ValueError(f"preset={arg.preset!r}: choose demo, tiny or paper")
+        raise ValueError(f"preset={arg.preset!r}: choose one of {PRESETS}")
     if arg.variant:
         c.model.variant = arg.variant
     if arg.steps:
