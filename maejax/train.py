@@ -291,6 +291,8 @@ def main(argv) -> None:
     from absl import flags, logging
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    from maejax.platform_check import warn_if_accelerator_unused
+    warn_if_accelerator_unused()   # a GPU or TPU on this machine but jax on the CPU: says so loudly
     sys.exit(run(_CONFIG.value, _WORKDIR.value, accept_config_change=_ACCEPT_CONFIG_CHANGE.value))
 
 
