@@ -1,15 +1,20 @@
 """Experiment configs: `configs/<name>.py` defines `get_config(arg)` (big_vision style), chosen on the command
 line as `--config configs/name.py:key=value,key2=value2` and overridden with `--config.section.key=value`.
 
-`base()` holds every key with its default, so configs only state what differs and a typo in a config
-file or an override is an error that names the key.
+`base()` holds every key with its default (the only place defaults are written), so configs only state
+what differs and a typo in a config file or an override is an error that names the key. Code that reads a
+partial config (a run's stored config, a test's few model keys) reads `complete(...)` of it, which fills
+in base()'s defaults. Every command that takes a config takes its overrides as `--config.KEY=VALUE`
+through `parse_override_flags`.
 """
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import os
-from typing import Any
+import sys
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -179,6 +184,104 @@ def load(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.C
     return config
 
 
+def complete(given: Any, section: str = "") -> ml_collections.ConfigDict:
+    """base() (or its `section`, e.g. "model") overlaid with `given` (a dict or ConfigDict, possibly partial:
+    a run's stored config from before newer keys, a test's few keys): what code reads instead of writing
+    defaults again. A key base() does not have is a KeyError naming it."""
+    out = base()
+    for part in filter(None, section.split(".")):
+        out = out[part]
+    out.lock()
+    _overlay(out, given, f"{section}." if section else "")
+    return out
+
+
+def _overlay(node: ml_collections.ConfigDict, given: Any, prefix: str) -> None:
+    for key, value in dict(given).items():
+        if key not in node:
+            raise KeyError(unknown_key(f"{prefix}{key}", prefix.count("."), node.keys()))
+        if isinstance(node[key], ml_collections.ConfigDict) and hasattr(value, "items"):
+            _overlay(node[key], value, f"{prefix}{key}.")
+        else:
+            node[key] = value
+
+
+def unknown_key(key: str, depth: int, known, where: str = "") -> str:
+    """The message for a key that does not exist: the key, where it was given, and the closest key at the
+    level (`depth`, 0-based) where it went wrong, or the keys there."""
+    parts = key.split(".")
+    known = sorted(known)
+    close = difflib.get_close_matches(parts[depth], known, n=1)
+    hint = f"did you mean {'.'.join(parts[:depth] + close)}?" if close else f"known keys there: {known}"
+    return f"unknown config key {key!r}{f' in {where}' if where else ''}; {hint}"
+
+
+def locate(config: ml_collections.ConfigDict, key: str, where: str = "") -> tuple[ml_collections.ConfigDict, str]:
+    """(the section of `config` that holds `key` = "section.name", its last part); a key `config` does not
+    have is a KeyError (`unknown_key`'s message)."""
+    parts = key.split(".")
+    node = config
+    for i, part in enumerate(parts):
+        known = node.keys() if isinstance(node, ml_collections.ConfigDict) else []
+        if part not in known:
+            raise KeyError(unknown_key(key, i, known, where))
+        if i < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
+def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets `section.key` in a locked config; a key that does not exist is a KeyError that names it. A
+    string is parsed for a key that is not a string (Python literals; true/false/yes/no/1/0 for booleans)."""
+    node, leaf = locate(config, key, f"override {key}={value!r}")
+    current = node[leaf]
+    if isinstance(value, str) and not isinstance(current, str):
+        if isinstance(current, bool) and value.lower() in BOOLEAN_WORDS:
+            value = BOOLEAN_WORDS[value.lower()]
+        else:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass
+    node[leaf] = value
+
+
+BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def parse_override_flags(argv: Sequence[str], *, only: str = "") -> tuple[list[str], dict[str, str]]:
+    """Takes the `--config.KEY=VALUE` (or `--config.KEY VALUE`) flags out of a command line: returns the
+    other arguments, for the command's own parser, and {KEY: VALUE} (values stay strings: `override`
+    parses them against the key's type). Every command that takes a config calls this, so an unknown KEY
+    (not in base(); with `only`, e.g. "eval", not under that section) stops every one of them alike: a
+    SystemExit naming the flag, with the closest key."""
+    rest, out = [], {}
+    reference = base()
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--config."):
+            rest.append(arg)
+            continue
+        key, eq, value = arg[len("--config."):].partition("=")
+        if not eq:
+            if i == len(args) or args[i].startswith("--"):
+                raise SystemExit(f"{arg}: give a value, --config.{key}=VALUE")
+            value, i = args[i], i + 1
+        if only and not key.startswith(f"{only}."):
+            raise SystemExit(f"{arg}: this command takes only --config.{only}.KEY=VALUE overrides")
+        try:
+            node, leaf = locate(reference, key, arg)
+        except KeyError as e:
+            raise SystemExit(e.args[0]) from None
+        if isinstance(node[leaf], ml_collections.ConfigDict):
+            raise SystemExit(f"{arg}: {key} is a section ({sorted(node[leaf].keys())}); set one of its keys")
+        out[key] = value
+    return rest, out
+
+
 def parse_overrides(items, flag: str = "override") -> dict[str, str]:
     """Command-line `KEY=VALUE` items -> {KEY: VALUE} (values stay strings; `override` parses them).
     An item without `=` is a SystemExit that names it and the flag it came from."""
@@ -191,22 +294,9 @@ def parse_overrides(items, flag: str = "override") -> dict[str, str]:
     return out
 
 
-def override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-    """Sets `section.key` in a locked config; a key that does not exist is an error that names it."""
-    *parents, leaf = key.split(".")
-    node = config
-    for i, p in enumerate(parents):
-        if p not in node:
-            raise KeyError(f"config has no key {'.'.join(parents[:i + 1])!r} (in override {key}={value!r})")
-        node = node[p]
-    if leaf not in node:
-        raise KeyError(f"config has no key {key!r}; known keys here: {sorted(node.keys())}")
-    if isinstance(value, str) and not isinstance(node[leaf], str):
-        try:
-            value = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            pass
-    node[leaf] = value
+def deprecated_flag(old: str, new: str) -> None:
+    """Says on stderr that a flag kept for one release is deprecated, and what replaces it."""
+    print(f"{old} is deprecated and will be removed in the next release; use {new}", file=sys.stderr, flush=True)
 
 
 def check_known(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,
@@ -216,7 +306,7 @@ def check_known(config: ml_collections.ConfigDict, reference: ml_collections.Con
     for key in config.keys():
         name = f"{prefix}{key}"
         if key not in reference:
-            raise KeyError(f"unknown config key {name!r} (not in maejax.config.base())")
+            raise KeyError(unknown_key(name, prefix.count("."), reference.keys()))
         if isinstance(config[key], ml_collections.ConfigDict) and isinstance(reference[key],
                                                                              ml_collections.ConfigDict):
             check_known(config[key], reference[key], prefix=f"{name}.")

@@ -8,6 +8,7 @@ from typing import Any
 
 from flax import nnx
 
+from maejax.config import complete
 from maejax.models.ca_mae import CAMAE
 from maejax.models.mae import MAE
 from maejax.models.munet import MUNet
@@ -17,7 +18,9 @@ MODELS: dict[str, type] = {"mae": MAE, "ca_mae": CAMAE, "munet": MUNet, "supervi
 
 
 def build(model_cfg: Any, rngs: nnx.Rngs) -> nnx.Module:
-    name = model_cfg["name"]
-    if name not in MODELS:
-        raise ValueError(f"model.name={name!r} is not a model; choose one of {sorted(MODELS)}")
-    return MODELS[name](model_cfg, rngs=rngs)
+    """The model of a `model` config section; keys it does not give take base().model's defaults (the
+    only place they are written), so the models index every key."""
+    m = complete(model_cfg, "model")
+    if m.name not in MODELS:
+        raise ValueError(f"model.name={m.name!r} is not a model; choose one of {sorted(MODELS)}")
+    return MODELS[m.name](m, rngs=rngs)

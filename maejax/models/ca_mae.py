@@ -193,23 +193,23 @@ class CAMAE(nnx.Module):
 
     def __init__(self, m: Any, *, rngs: nnx.Rngs):
         self.num_channels = int(m["in_channels"])
-        self.max_channels = int(m.get("max_channels") or self.num_channels)
+        self.max_channels = int(m["max_channels"] or self.num_channels)
         if self.max_channels < self.num_channels:
             raise ValueError(f"model.max_channels={self.max_channels} is below model.in_channels={self.num_channels}")
-        self.channel_sampling = m.get("channel_sampling", "none")
+        self.channel_sampling = m["channel_sampling"]
         if self.channel_sampling not in CHANNEL_SAMPLING:
             raise ValueError(f"model.channel_sampling={self.channel_sampling!r}: choose one of {CHANNEL_SAMPLING}")
         self.enc_cfg = vit_config(m, self.max_channels)
-        embed = ChannelPatchEmbed(self.enc_cfg, self.max_channels, bool(m.get("channel_embed", False)), rngs=rngs)
+        embed = ChannelPatchEmbed(self.enc_cfg, self.max_channels, bool(m["channel_embed"]), rngs=rngs)
         self.encoder = ViT(self.enc_cfg, rngs=rngs, patch_embed=embed)
-        depth = int(m.get("decoder_depth", 8))
+        depth = int(m["decoder_depth"])
         self.decoder = CAMAEDecoder(
             self.enc_cfg.width, decoder_block_config(m, self.enc_cfg.block), depth, self.num_channels,
-            int(m.get("cross_attention_heads", 8)), self.enc_cfg.patch, rngs=rngs,
+            int(m["cross_attention_heads"]), self.enc_cfg.patch, rngs=rngs,
             scan_layers=self.enc_cfg.scan_layers, remat=self.enc_cfg.remat) if depth else None
-        self.mask_ratio = float(m.get("mask_ratio", 0.75))
-        self.fourier_weight = float(m.get("fourier_weight", 0.01))
-        self.norm_pix_loss = bool(m.get("norm_pix_loss", False))
+        self.mask_ratio = float(m["mask_ratio"])
+        self.fourier_weight = float(m["fourier_weight"])
+        self.norm_pix_loss = bool(m["norm_pix_loss"])
 
     def __call__(self, images: jax.Array, key: jax.Array, channel_mask: jax.Array | None = None,
                  channel_ids: jax.Array | None = None):

@@ -33,9 +33,9 @@ def gather_tokens(x: jax.Array, idx: jax.Array) -> jax.Array:
 def decoder_block_config(m: Any, enc_block: BlockConfig) -> BlockConfig:
     """Pre-LN decoder blocks (MLP 4x) of `decoder_width`/`decoder_heads`; LN eps `decoder_norm_eps`
     (0 = the encoder's; OpenPhenom's decoder uses torch's default 1e-5)."""
-    width = int(m.get("decoder_width", 512))
-    return BlockConfig(width=width, mlp_dim=4 * width, num_heads=int(m.get("decoder_heads", 16)),
-                       block="pre_ln", qkv_bias=True, norm_eps=float(m.get("decoder_norm_eps") or enc_block.norm_eps),
+    width = int(m["decoder_width"])
+    return BlockConfig(width=width, mlp_dim=4 * width, num_heads=int(m["decoder_heads"]),
+                       block="pre_ln", qkv_bias=True, norm_eps=float(m["decoder_norm_eps"] or enc_block.norm_eps),
                        dtype=enc_block.dtype, param_dtype=enc_block.param_dtype, attention=enc_block.attention)
 
 
@@ -51,14 +51,14 @@ class MAE(nnx.Module):
         self.decoder_embed = Dense(self.enc_cfg.width, dec.width, ("embed", None), **kw)
         self.mask_token = param(rngs, nnx.initializers.normal(0.02), (1, 1, dec.width), (None, None, "norm"),
                                 dec.param_dtype)
-        self.decoder = Transformer(dec, int(m.get("decoder_depth", 8)), rngs=rngs,
+        self.decoder = Transformer(dec, int(m["decoder_depth"]), rngs=rngs,
                                    scan_layers=self.enc_cfg.scan_layers, remat=self.enc_cfg.remat)
         self.decoder_norm = layer_norm(dec.width, dec.norm_eps, rngs, dec.param_dtype)
         p, c = self.enc_cfg.patch, self.enc_cfg.in_channels
         self.decoder_pred = Dense(dec.width, p * p * c, (None, "patch"), **kw)
-        self.mask_ratio = float(m.get("mask_ratio", 0.75))
-        self.fourier_weight = float(m.get("fourier_weight", 0.01))
-        self.norm_pix_loss = bool(m.get("norm_pix_loss", False))
+        self.mask_ratio = float(m["mask_ratio"])
+        self.fourier_weight = float(m["fourier_weight"])
+        self.norm_pix_loss = bool(m["norm_pix_loss"])
 
     def decode(self, x: jax.Array, restore: jax.Array, grid: tuple[int, int]) -> jax.Array:
         """Encoded visible tokens (B, n0+K, D) -> predicted pixels for every patch (B, N, p*p*C)."""

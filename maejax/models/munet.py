@@ -32,8 +32,8 @@ class MUNet(nnx.Module):
         self.encoder = ConvEncoder(self.in_channels, dims["widths"], dims["blocks"], rngs=rngs)
         self.decoder = ConvDecoder(dims["widths"], dims["blocks"], self.in_channels, rngs=rngs)
         self.patch = dims["patch"]
-        self.mask_ratio = float(m.get("mask_ratio", 0.75))
-        self.fourier_weight = float(m.get("fourier_weight", 0.01))
+        self.mask_ratio = float(m["mask_ratio"])
+        self.fourier_weight = float(m["fourier_weight"])
 
     def check_size(self, images: jax.Array) -> None:
         b, c, h, w = images.shape

@@ -24,10 +24,10 @@ class Supervised(nnx.Module):
     num_classes, label_smoothing, plus the encoder keys of `vit_config` for a ViT backbone."""
 
     def __init__(self, m: Any, *, rngs: nnx.Rngs):
-        self.num_classes = int(m.get("num_classes", 0))
+        self.num_classes = int(m["num_classes"])
         if self.num_classes < 2:
             raise ValueError(f"model.num_classes={self.num_classes}: set it to the number of perturbation labels")
-        self.backbone_kind = m.get("backbone", "vit")
+        self.backbone_kind = m["backbone"]
         if self.backbone_kind not in BACKBONES:
             raise ValueError(f"model.backbone={self.backbone_kind!r}: choose one of {BACKBONES}")
         in_channels = int(m["in_channels"])
@@ -43,7 +43,7 @@ class Supervised(nnx.Module):
             self.feature_norm = layer_norm(width, 1e-6, rngs)
         self.head = Dense(width, self.num_classes, ("embed", "classes"), rngs=rngs,
                           kernel_init=nnx.initializers.zeros_init())
-        self.label_smoothing = float(m.get("label_smoothing", 0.0))
+        self.label_smoothing = float(m["label_smoothing"])
 
     def embed(self, images: jax.Array, *, full: bool = False, key: jax.Array | None = None
               ) -> dict[str, jax.Array]:

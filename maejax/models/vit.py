@@ -68,27 +68,25 @@ class ViTConfig:
 
 
 def vit_config(m: Any, in_channels: int) -> ViTConfig:
-    """Builds the encoder config from the `model` section of a config (a ConfigDict or dict)."""
-    get = m.get
+    """Builds the encoder config from a complete `model` section (maejax.models.build completes it)."""
     dims = decode_variant(m["variant"])
-    for k in ("width", "depth", "mlp_dim", "num_heads"):   # explicit overrides of the variant
-        if get(k):
-            dims[k] = int(get(k))
-    if get("remat", "none") not in REMAT_POLICIES:
-        raise ValueError(f"model.remat={get('remat')!r}: choose one of {sorted(REMAT_POLICIES)}")
-    if get("block", "pre_ln") not in BLOCKS:
-        raise ValueError(f"model.block={get('block')!r}: choose one of {sorted(BLOCKS)}")
+    for k in ("width", "depth", "mlp_dim", "num_heads"):   # explicit overrides of the variant (0: the variant's)
+        if m[k]:
+            dims[k] = int(m[k])
+    if m["remat"] not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={m['remat']!r}: choose one of {sorted(REMAT_POLICIES)}")
+    if m["block"] not in BLOCKS:
+        raise ValueError(f"model.block={m['block']!r}: choose one of {sorted(BLOCKS)}")
     block = BlockConfig(
         width=dims["width"], mlp_dim=dims["mlp_dim"], num_heads=dims["num_heads"],
-        block=get("block", "pre_ln"), qkv_bias=get("qkv_bias", True), qk_norm=get("qk_norm", False),
-        layerscale=get("layerscale", None), drop_path=float(get("drop_path", 0.0)),
-        norm_eps=float(get("norm_eps", 1e-6)), dtype=jnp.dtype(get("dtype", "float32")),
-        param_dtype=jnp.dtype(get("param_dtype", "float32")), attention=get("attention", None))
+        block=m["block"], qkv_bias=m["qkv_bias"], qk_norm=m["qk_norm"],
+        layerscale=m["layerscale"], drop_path=float(m["drop_path"]),
+        norm_eps=float(m["norm_eps"]), dtype=jnp.dtype(m["dtype"]),
+        param_dtype=jnp.dtype(m["param_dtype"]), attention=m["attention"])
     return ViTConfig(block=block, depth=dims["depth"], patch=dims["patch"], in_channels=in_channels,
-                     cls_token=get("cls_token", True), final_norm=get("final_norm", "tokens"),
-                     scan_layers=get("scan_layers", True), remat=get("remat", "none"),
-                     drop_path_schedule=get("drop_path_schedule", "linear"), pool=_pool(get("pool", "mean"),
-                                                                                        get("cls_token", True)))
+                     cls_token=m["cls_token"], final_norm=m["final_norm"], scan_layers=m["scan_layers"],
+                     remat=m["remat"], drop_path_schedule=m["drop_path_schedule"],
+                     pool=_pool(m["pool"], m["cls_token"]))
 
 
 POOLS = ("mean", "mean_std", "cls")
