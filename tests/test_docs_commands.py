@@ -113,8 +113,27 @@ def extract(doc: pathlib.Path) -> list[Command]:
     return commands
 
 
+def inline_commands(doc: pathlib.Path) -> list[Command]:
+    """Commands in `inline code` outside the code blocks (a span may wrap lines). A bare `python -m MODULE`
+    names a program: it is checked as `python -m MODULE --help` (its parser exists and prints its help)."""
+    lines = doc.read_text().split("\n")
+    for first, _, block in code_blocks("\n".join(lines)):
+        for k in range(max(0, first - 2), min(len(lines), first + len(block))):   # the block and its fences
+            lines[k] = ""
+    text = "\n".join(lines)
+    out = []
+    for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", text):
+        span = " ".join(m[1].split())
+        if not COMMAND_START.match(span) or " " not in span and not span.startswith(("launch/", ".ci/")):
+            continue   # not a command, or a program named in a sentence (`pip`, `python3`)
+        if re.fullmatch(r"\S*python\d* -m [\w.]+", span):
+            span += " --help"
+        out.append(Command(str(doc.relative_to(REPO)), text[:m.start()].count("\n") + 1, span, ""))
+    return out
+
+
 def all_commands() -> list[Command]:
-    return [c for doc in DOCS for c in extract(doc)]
+    return [c for doc in DOCS for c in extract(doc) + inline_commands(doc)]
 
 
 # ----------------------------------------------------------------------------------------- tokenising
@@ -218,9 +237,9 @@ def plan_words(words: list[str], cmd: Command, c: Check) -> None:
             c.done.append(f"{head}'s own options {options} are not checked here")
         if head == "srun":
             return plan_words(rest, cmd, c)
-        return plan_script(rest[0] if rest else "", rest[1:], c)
+        return plan_script(rest[0] if rest else "", rest[1:], c, cmd.block)
     if head.startswith(("launch/", ".ci/")):
-        return plan_script(head, words[1:], c)
+        return plan_script(head, words[1:], c, cmd.block)
     c.error = f"neither run nor parsed: no checker for a command starting {head!r}"
 
 
@@ -239,9 +258,10 @@ def plan_device_run(text: str, cmd: Command, c: Check) -> None:
     plan_words(split_env(tokens_of(inner.text))[1], inner, c)
 
 
-def plan_script(script: str, argv: list[str], c: Check) -> None:
+def plan_script(script: str, argv: list[str], c: Check, block: str = "") -> None:
     """A launch script: exists, passes `bash -n`; the arguments it forwards (`-m MODULE "$@"`) are parsed by
-    MODULE's parser, after the ones it takes itself (positional counts, `--`, a subcommand)."""
+    MODULE's parser, after the ones it takes itself (positional counts, `--`, a subcommand). A script named
+    in a sentence (inline, no arguments: `block` empty) is checked to exist and pass `bash -n`."""
     path = REPO / script
     if not path.is_file():
         c.error = f"script {script} does not exist"
@@ -253,7 +273,7 @@ def plan_script(script: str, argv: list[str], c: Check) -> None:
     src = path.read_text()
     c.kind = "parsed"
     c.done.append(f"{script} passes bash -n")
-    if script == str(RUN_BY_CI.relative_to(REPO)):
+    if script == str(RUN_BY_CI.relative_to(REPO)) or not argv and not block:   # named in a sentence
         return
     subcommands = re.findall(r"^\s*([a-z]+)\)", src, re.M)
     if subcommands:
@@ -440,8 +460,16 @@ def _child_main() -> None:
         raise _Parsed(f"argparse parser {self.prog!r}; passed on unparsed: {extra}")
 
     def run(main, argv=None, flags_parser=None, **_):
-        FLAGS(sys.argv if argv is None else argv)
+        argv = sys.argv if argv is None else argv
+        try:
+            FLAGS(argv)
+        except SystemExit:   # absl's --help prints the flags and exits 1
+            if "--help" in argv:
+                raise _Parsed("absl flags: printed its --help") from None
+            raise
         raise _Parsed(f"absl flags ({len(list(FLAGS))} defined)")
+
+    app.define_help_flags()   # what app.run defines before parsing; kept across jobs
 
     argparse.ArgumentParser.parse_args = parse_args
     argparse.ArgumentParser.parse_known_args = parse_known_args
@@ -469,7 +497,10 @@ def _child_main() -> None:
             result["error"] = f"{type(e).__name__}: {e}"
         except SystemExit as e:
             lines = [l for l in stderr.getvalue().strip().splitlines() if l.strip()]
-            result["error"] = f"exit {e.code}: {lines[-1] if lines else e.code}"
+            if e.code in (0, None) and "--help" in argv:
+                result = {"ok": True, "parser": "argparse parser: printed its --help"}
+            else:
+                result["error"] = f"exit {e.code}: {lines[-1] if lines else e.code}"
         except Exception as e:   # noqa: BLE001 - reported, names the command
             result["error"] = f"{type(e).__name__}: {e}"
         for name in set(FLAGS) - before:
@@ -506,10 +537,10 @@ def config_argv(argv: list[str]) -> tuple[str, dict[str, str]] | None:
 COMMANDS = all_commands()
 
 
-def check_all() -> dict[str, Check]:
-    """Every command planned, then every parser run in one child process."""
-    checks = {c.where: plan(c) for c in COMMANDS}
-    jobs = [(key, job) for key, c in checks.items() if not c.error for job in c.parse]
+def check_all() -> list[Check]:
+    """Every command of COMMANDS planned, then every parser run in one child process."""
+    checks = [plan(c) for c in COMMANDS]
+    jobs = [(key, job) for key, c in enumerate(checks) if not c.error for job in c.parse]
     results = parse_in_child([tuple(job) for _, job in jobs]) if jobs else []
     optional = optional_modules()
     for (key, (how, target, argv)), r in zip(jobs, results):
@@ -541,13 +572,13 @@ def lay_out_configs(c: Check) -> None:
 
 
 @pytest.fixture(scope="module")
-def checked() -> dict[str, Check]:
+def checked() -> list[Check]:
     return check_all()
 
 
-@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.where for c in COMMANDS])
-def test_docs_command_is_run_or_parsed_and_checked(cmd, checked):
-    c = checked[cmd.where]
+@pytest.mark.parametrize("index", range(len(COMMANDS)), ids=[c.where for c in COMMANDS])
+def test_docs_command_is_run_or_parsed_and_checked(index, checked):
+    cmd, c = COMMANDS[index], checked[index]
     if c.kind == "skip":
         pytest.skip(c.error)
     assert not c.error, f"{cmd.where}: {cmd.text}\n{c.error}"
@@ -602,8 +633,7 @@ def main() -> None:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     checks = check_all()
-    for cmd in COMMANDS:
-        c = checks[cmd.where]
+    for cmd, c in zip(COMMANDS, checks):
         if not c.error and c.kind != "skip":
             try:
                 lay_out_configs(c)
@@ -613,7 +643,7 @@ def main() -> None:
         print(f"{cmd.where:28s} {status:7s} {cmd.text[:110]}")
         for d in ([c.error] if c.error else []) + c.done:
             print(f"{'':37s}{d}")
-    counts = {k: sum(1 for c in checks.values() if (c.kind if not c.error or c.kind == "skip" else "FAIL") == k)
+    counts = {k: sum(1 for c in checks if (c.kind if not c.error or c.kind == "skip" else "FAIL") == k)
               for k in ("run", "parsed", "skip", "FAIL")}
     print(counts)
 
