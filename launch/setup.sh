@@ -13,7 +13,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
   # First, and without its dependencies (the lock below provides them): a Python outside pyproject.toml's
   # requires-python stops here, with pip's one line naming both.
-  .venv/bin/python -m pip install --quiet --no-deps -e .
+  .venv/bin/python -m pip install --quiet --quiet --no-deps -e .   # -qq: not setuptools' editable-install notice
   .venv/bin/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
   .venv/bin/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
   echo "$want" > "$stamp"
