@@ -617,17 +617,6 @@ def test_a_flag_the_parser_does_not_have_fails():
     assert results[2]["ok"], results[2]
 
 
-def test_the_mesh_of_a_config_is_checked():
-    """README's second training example once asked for two -1 axes (base() has data=-1)."""
-    import jax
-
-    from maejax import config as config_lib, sharding as shd
-    from tests.test_config_presets import lay_out
-    config = config_lib.load(str(REPO / "configs/model_zoo.py:preset=openphenom,steps=50000"), {"mesh.fsdp": "-1"})
-    with pytest.raises(shd.MeshError, match="at most one axis may be -1"):
-        lay_out(config, jax.devices())
-
-
 def main() -> None:
     """Lists every command with its kind and checks (runs the same checks as the tests, without pytest)."""
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
