@@ -560,7 +560,7 @@ def section_inference(ctx) -> None:
             if state is None:   # the parameters do not depend on the attention implementation
                 state = state_lib.initialize(cfg.model, mesh, rules, sharded, seed=cfg.seed)
             b, c, s = ctx.plan.infer_batch, int(cfg.model.in_channels), int(cfg.data.crop_size)
-            in_sh = shd.batch_sharding(mesh, 4)
+            in_sh = shd.batch_sharding(mesh, rules, 4)
             images = jax.device_put(np.random.default_rng(0).standard_normal((b, c, s, s), np.float32), in_sh)
             graphdef = sharded.model_def
 

@@ -72,8 +72,8 @@ def measure_forward(model, batch: int, crop: int, channels: int, batches: int) -
 
     from eval.embed import Embedder
     from maejax import sharding as shd
-    mesh = shd.make_mesh({"data": -1})
-    embedder = Embedder(model, mesh, batch, keys=("blocks",))
+    rules = shd.DEFAULT_RULES    # those of base(), which model_config starts from
+    embedder = Embedder(model, shd.batch_mesh(rules), batch, rules, keys=("blocks",))
     images = np.random.default_rng(0).integers(0, 256, (embedder.batch_size, channels, crop, crop), np.uint8)
     t = time.perf_counter()
     embedder(images)                      # compile

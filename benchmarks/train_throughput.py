@@ -1,16 +1,21 @@
-"""Training throughput of the real train step (maejax.step) on synthetic batches already on the devices,
-so the input pipeline is not measured: step time, crops/s, TFLOP/s per device and MFU, per-device memory.
-The first run is the baseline; every further run (`--compare`) prints its ratio to it.
+"""Training throughput of the real train step (maejax.step.setup, as the trainer sets it up) on synthetic
+batches already on the devices, so the input pipeline is not measured: step time, crops/s, TFLOP/s per
+device and MFU, per-device memory. The first run is the baseline; every `--compare` starts a further run
+and prints its ratio to the baseline.
 
-  python -m benchmarks.train_throughput --config configs/mae_synthetic.py:preset=tiny --batch 32 --steps 20
+  python -m benchmarks.train_throughput --config configs/mae_synthetic.py:preset=tiny \
+      --config.data.batch_size=32 --steps 20
   # one H100/H200, ViT-L/8 MAE, bf16, 256 x 256 x 6 crops; remat, batch and attention variants:
   python -m benchmarks.train_throughput --gpu_flags --config configs/mae_scale.py:preset=L8 \
-      --batch 64 --remat full --attention cudnn --steps 20 \
-      --compare model.remat=dots --compare model.remat=dots_no_batch \
-      --compare model.remat=none,data.batch_size=32 --compare model.attention=None
+      --config.data.batch_size=64 --config.model.remat=full --config.model.attention=cudnn --steps 20 \
+      --compare --config.model.remat=dots --compare --config.model.remat=dots_no_batch \
+      --compare --config.model.remat=none --config.data.batch_size=32 --compare --config.model.attention=None
 
-MFU uses maejax.mfu's peak for the device kind (or --set peak_tflops=...). A CPU has no listed peak; there
-the script measures an n x n float32 matmul and reports `of_matmul` = achieved / that (not an MFU).
+`--config.KEY=VALUE` flags before the first `--compare` hold for every run; those after a `--compare` (up to
+the next) only for its run, on top. MFU uses maejax.mfu's peak for the device kind (or
+--config.peak_tflops=...). A CPU has no listed peak; there the script measures an n x n float32 matmul and
+reports `of_matmul` = achieved / that (not an MFU). Deprecated, for one release: `--set K=V`, `--compare
+K=V[,K=V]` and the shorthands --batch, --remat, --scan, --attention, --dtype.
 """
 from __future__ import annotations
 
@@ -36,64 +41,86 @@ def gpu_env() -> dict[str, str]:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="config file[:arg], as for maejax.train")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
-    p.add_argument("--compare", action="append", default=[], metavar="K=V[,K=V]",
-                   help="a further run with these overrides (on top of --set), compared with the baseline")
-    p.add_argument("--batch", type=int, help="global batch (data.batch_size)")
-    p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), help="model.remat")
-    p.add_argument("--scan", choices=("true", "false"), help="model.scan_layers: scan over the blocks")
-    p.add_argument("--attention", choices=("xla", "cudnn"), help="model.attention (cudnn: fused, GPUs only)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), help="model.dtype (compute)")
+    p.add_argument("--config", required=True, help="config file[:arg], as for maejax.train; override its keys with "
+                                                   "--config.KEY=VALUE")
+    p.add_argument("--compare", action="store_true", help="starts a further run: the --config.KEY=VALUE flags after "
+                                                          "it (up to the next --compare) are its overrides")
     p.add_argument("--steps", type=int, default=10, help="timed steps per run (after 2 warm-up steps)")
     p.add_argument("--gpu_flags", action="store_true",
                    help="launch/gpu_flags.sh's XLA flags and memory fraction, as the GPU launchers use")
+    hidden = argparse.SUPPRESS    # deprecated spellings of --config.KEY=VALUE, kept for one release
+    p.add_argument("--set", action="append", default=[], help=hidden)
+    for flag, (_, choices) in SHORTHANDS.items():
+        p.add_argument(f"--{flag}", choices=choices, type=None if choices else int, help=hidden)
     return p.parse_args(argv)
 
 
-def shorthand(args) -> list[str]:
-    """--batch/--remat/--scan/--attention/--dtype as config overrides."""
-    keys = {"batch": "data.batch_size", "remat": "model.remat", "scan": "model.scan_layers",
-            "attention": "model.attention", "dtype": "model.dtype"}
-    out = []
-    for arg, key in keys.items():
-        value = getattr(args, arg)
+# Deprecated shorthands: flag -> (config key, choices); the values the config takes where they differ.
+SHORTHANDS = {"batch": ("data.batch_size", None), "remat": ("model.remat", ("none", "full", "dots", "dots_no_batch")),
+              "scan": ("model.scan_layers", ("true", "false")), "attention": ("model.attention", ("xla", "cudnn")),
+              "dtype": ("model.dtype", ("bfloat16", "float32"))}
+SHORTHAND_VALUES = {"xla": "None"}
+
+
+def split_runs(argv: list[str]) -> tuple[list[str], dict[str, str], list[dict[str, str]]]:
+    """A command line -> (the arguments for `parse_args`, the overrides of every run, the overrides of each
+    `--compare` run), every `--config.KEY=VALUE` checked by maejax.config.parse_override_flags. The
+    deprecated `--compare K=V[,K=V]` is read as `--compare --config.K=V ...`."""
+    from maejax.config import deprecated_flag, parse_override_flags
+    segments: list[list[str]] = [[]]
+    args = list(argv)
+    while args:
+        a = args.pop(0)
+        if a != "--compare" and not a.startswith("--compare="):
+            segments[-1].append(a)
+            continue
+        segments.append([])
+        old = a.partition("=")[2] if "=" in a else (args.pop(0) if args and not args[0].startswith("-") else "")
+        if old:
+            deprecated_flag("--compare K=V[,K=V]", "--compare --config.K=V [--config.K=V]")
+            segments[-1] += [f"--config.{kv}" for kv in filter(None, old.split(","))]
+    rest, overrides = [], []
+    for segment in segments:
+        r, o = parse_override_flags(segment)
+        rest += r
+        overrides.append(o)
+    return rest, overrides[0], overrides[1:]
+
+
+def deprecated_overrides(args) -> dict[str, str]:
+    """The overrides the deprecated --set and shorthand flags give (checked as --config.KEY=VALUE flags)."""
+    from maejax.config import deprecated_flag, parse_override_flags
+    items = []
+    for flag, (key, _) in SHORTHANDS.items():
+        value = getattr(args, flag)
         if value is not None:
-            out.append(f"{key}={ {'xla': 'None', 'true': 'True', 'false': 'False'}.get(value, value)}")
-    return out
-
-
-def overrides(items) -> dict[str, str]:
-    """`KEY=VALUE[,KEY=VALUE]` items (as --set and --compare take them) -> {KEY: VALUE}."""
-    from maejax.config import parse_overrides
-    return parse_overrides(kv for item in items for kv in filter(None, item.split(",")))
+            deprecated_flag(f"--{flag}", f"--config.{key}=VALUE")
+            items.append(f"--config.{key}={SHORTHAND_VALUES.get(value, value)}")
+    if args.set:
+        deprecated_flag("--set KEY=VALUE", "--config.KEY=VALUE")
+        items += [f"--config.{kv}" for item in args.set for kv in filter(None, item.split(","))]
+    return parse_override_flags(items)[1]
 
 
 def measure(config, steps: int) -> dict:
-    """Compiles the train step for `config` on all devices and times `steps` steps."""
+    """Sets the train step up for `config` on all devices as the trainer does, compiles it and times `steps`
+    steps."""
     import jax
     import numpy as np
 
-    from maejax import mfu, optim, sharding as shd, state as state_lib, step as step_lib
+    from maejax import mfu, step as step_lib
 
-    mesh = shd.make_mesh(dict(config.mesh))
-    rules = shd.rules_from_config(config.sharding_rules)
-    step_lib.check_batch(config, mesh)
-    total = int(config.total_steps)
-    tx = optim.make(config.optim, total)
-    sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
-    model_state, opt_state = state_lib.initialize(config.model, mesh, rules, sharded, seed=config.seed, tx=tx,
-                                                  compiler_options=step_lib.compiler_options(config))
+    train_setup = step_lib.setup(config)
+    model_state, opt_state = train_setup.initialize()
     t0 = time.perf_counter()
-    p_step = step_lib.jit_train_step(sharded, config, mesh, rules, optim.schedule(config.optim, total))
-    compiled = step_lib.compile_train_step(p_step, sharded, config, mesh, rules)
+    compiled = train_setup.compile()
     compile_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
-    shapes = step_lib.abstract_batch(config, mesh)
+    shapes = train_setup.abstract_batch()
     images = rng.standard_normal(shapes["image"].shape, np.float32)
     batch = {"image": jax.device_put(images, shapes["image"].sharding),
              "label": jax.device_put(np.zeros(shapes["label"].shape, np.int32), shapes["label"].sharding)}
-    with shd.activate(mesh, rules):
+    with train_setup.activate():
         for i in range(2):   # warm-up: first executions allocate
             model_state, opt_state, metrics = compiled(model_state, opt_state, batch, step_lib.step_arg(i))
         jax.block_until_ready(metrics)
@@ -102,31 +129,24 @@ def measure(config, steps: int) -> dict:
             model_state, opt_state, metrics = compiled(model_state, opt_state, batch, step_lib.step_arg(i))
         jax.block_until_ready((model_state, opt_state, metrics))
         seconds = time.perf_counter() - t0
-    crop = int(config.data.crop_size)
-    flops = sharded.abstract_model().flops_per_crop(crop, crop)["train"]
     out = {"step_s": seconds / steps, "compile_s": compile_s, "loss": float(metrics["loss"]),
            "memory": step_lib.describe_memory(compiled)}
-    out.update(mfu.throughput(flops, int(config.data.batch_size) * steps, seconds, jax.device_count(),
-                              mfu.device_peak(config.peak_tflops)))
+    out.update(mfu.throughput(train_setup.flops_per_example, int(config.data.batch_size) * steps, seconds,
+                              jax.device_count(), mfu.device_peak(config.peak_tflops)))
     return out
 
 
-def _size(nbytes) -> str:
-    if not nbytes:
-        return "n/a"
-    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-
-
 def main(argv=None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rest, common, compares = split_runs(sys.argv[1:] if argv is None else argv)
+    args = parse_args(rest)
+    common = {**deprecated_overrides(args), **common}
     if args.gpu_flags:
         os.environ.update(gpu_env())  # before jax creates its GPU client
     import jax
 
-    from maejax import config as config_lib, mfu
+    from maejax import config as config_lib, mfu, step as step_lib
 
-    common = overrides(shorthand(args) + args.set)
-    runs = [("baseline", common)] + [(c, {**common, **overrides([c])}) for c in args.compare]
+    runs = [("baseline", common)] + [(" ".join(f"{k}={v}" for k, v in c.items()), {**common, **c}) for c in compares]
     kind = jax.devices()[0].device_kind
     matmul = None if mfu.peak_flops(kind) else mfu.measure_matmul_flops()
     base_cfg = config_lib.load(args.config, common)
@@ -149,7 +169,7 @@ def main(argv=None) -> None:
         util = r.get("mfu") if not matmul else r["tflops_per_device"] * 1e12 / matmul
         mem = r["memory"].get("peak")
         row = [name, f"{r['step_s'] * 1e3:.1f}", f"{r['examples_per_s']:.1f}", f"{r['tflops_per_device']:.4g}",
-               f"{util:.1%}" if util is not None else "n/a", _size(mem),
+               f"{util:.1%}" if util is not None else "n/a", step_lib.format_bytes(mem) if mem else "n/a",
                f"{r['compile_s']:.1f}", f"{r['examples_per_s'] / base['examples_per_s']:.2f}x"]
         print("| " + " | ".join(row) + " |", flush=True)
 

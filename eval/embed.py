@@ -1,6 +1,7 @@
 """Embedding crops with a model: one jitted forward pass per batch gives every block's mean-pooled features.
 
-Batches are padded to a fixed size (one compile), split over all local devices (data parallel), and
+Batches are padded to a fixed size (one compile), split over the mesh axes the model's run puts a batch on
+(its sharding rules: `maejax.sharding.batch_mesh` gives a mesh with every device there), and
 normalised on device exactly as the training input pipeline does on the host (maejax.preprocess: per crop,
 or by each crop's plate statistics, which then come from the crops' metadata).
 """
@@ -22,10 +23,12 @@ from maejax import preprocess
 class Embedder:
     """Wraps `model.embed` in a jitted, data-parallel function over uint8 (B, C, H, W) batches.
 
-    `blocks` (0-based indices) keeps only those blocks of the `blocks` output, selected on the device;
-    `compiler_options`: XLA options (maejax.step.compiler_options of the run's config)."""
+    `rules`: the run's sharding rules (maejax.sharding.rules_from_config of its config), which place the
+    batch as well as the weights; `blocks` (0-based indices) keeps only those blocks of the `blocks` output,
+    selected on the device; `compiler_options`: XLA options (maejax.step.compiler_options of the run's
+    config)."""
 
-    def __init__(self, model: nnx.Module, mesh: Mesh, batch_size: int, rules=shd.DEFAULT_RULES,
+    def __init__(self, model: nnx.Module, mesh: Mesh, batch_size: int, rules,
                  keys: tuple[str, ...] = ("blocks", "pooled"), normalize: str = "crop",
                  plate_stats: dict | None = None, blocks: tuple[int, ...] | None = None,
                  compiler_options: dict | None = None):
@@ -33,11 +36,11 @@ class Embedder:
         if normalize == "plate" and not plate_stats:
             raise ValueError("normalize='plate' needs plate_stats (maejax.preprocess.plate_statistics)")
         self.plate_stats = plate_stats
-        dp = shd.data_parallel_size(mesh)
+        dp = shd.data_parallel_size(mesh, rules)
         self.batch_size = -(-batch_size // dp) * dp      # round up to a multiple of the data-parallel size
         self.mesh, self.rules, self.keys = mesh, rules, keys
         graphdef, state = nnx.split(model)
-        in_sh = shd.batch_sharding(mesh, 4)
+        in_sh = shd.batch_sharding(mesh, rules, 4)
 
         select = None if blocks is None else jnp.asarray(blocks, jnp.int32)
 

@@ -31,6 +31,7 @@ from eval.embed import Embedder
 from maejax import sharding as shd
 from maejax.preprocess import self_standardize
 from maejax.state import load_model
+from maejax.step import compiler_options
 
 # output name -> key of `model.embed`
 OUTPUTS = {"predict": "predict", "channelwise": "channelwise", "forward_head": "pooled", "cls": "cls",
@@ -52,17 +53,16 @@ def load_images(path: str) -> np.ndarray:
 def embed_arrays(checkpoint: str, images: np.ndarray, *, batch_size: int | None = None
                  ) -> dict[str, np.ndarray]:
     """Every output of OUTPUTS the model defines, for uint8 images (N, C, H, W)."""
-    mesh = shd.make_mesh({"data": -1})
-    model, config, _ = load_model(checkpoint, mesh=mesh)
+    model, config, _ = load_model(checkpoint)
     rules = shd.rules_from_config(config.sharding_rules)
-    if config.data.get("normalize", "crop") != "crop":
+    mesh = shd.batch_mesh(rules)     # the one load_model restored onto
+    if config.data.normalize != "crop":
         raise ValueError(f"{checkpoint}: the model was trained with data.normalize={config.data.normalize!r}, which "
                          "needs each crop's plate; embed a dataset directory with `python -m eval.job` instead")
     available = embed_keys(model, images.shape[1:])
     keys = tuple(k for k in OUTPUTS.values() if k in available)
-    level = int(config.get("xla_backend_optimization_level", -1))   # as the trainer compiles
     embedder = Embedder(model, mesh, min(len(images), batch_size or int(config.eval.batch_size)), rules, keys,
-                        compiler_options={"xla_backend_optimization_level": level} if level >= 0 else None)
+                        compiler_options=compiler_options(config))   # as the trainer compiles
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for start in range(0, len(images), embedder.batch_size):
         for k, v in embedder(images[start:start + embedder.batch_size]).items():

@@ -101,15 +101,14 @@ def checkpoint_dir(workdir: str) -> str:
 
 def checkpoint_config(ckpt_dir: str, step: int | None = None):
     """(step, the config it was trained with) from the checkpoint's meta; no array is read."""
-    import ml_collections
-
     from maejax.checkpoint import Checkpoints
+    from maejax.config import complete
     ckpts = Checkpoints(ckpt_dir)
     try:
         step = ckpts.latest_step() if step is None else int(step)
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        return step, ml_collections.ConfigDict(ckpts.meta(step)["config"])
+        return step, complete(ckpts.meta(step)["config"])
     finally:
         ckpts.close()
 
@@ -307,7 +306,7 @@ def embed_dataset(workdir: str, dataset_dir: str | None, out_dir: str, *, blocks
     import jax
     from data.progress import Progress
     from eval.embed import Embedder, output_shapes
-    from maejax import preprocess, sharding as shd, state as state_lib
+    from maejax import preprocess, sharding as shd, state as state_lib, step as step_lib
     from maejax.distributed import PreemptionNotice
     from maejax.input_pipeline import open_dataset
 
@@ -317,12 +316,13 @@ def embed_dataset(workdir: str, dataset_dir: str | None, out_dir: str, *, blocks
         raise EmbedJobError(f"--shard_size must be >= 1, got {shard_size}")
     pi, pc = jax.process_index(), jax.process_count()
     devices = list(devices) if devices is not None else jax.local_devices()
-    mesh = shd.make_mesh({"data": -1}, devices)
     ckpt_dir = checkpoint_dir(workdir)
     step, config = checkpoint_config(ckpt_dir, step)   # its meta only: the arrays are read after the checks
+    rules = shd.rules_from_config(config.sharding_rules)
+    mesh = shd.batch_mesh(rules, devices)
     dataset_dir = dataset_dir or config.data.dir
     dataset = open_dataset(dataset_dir)
-    normalize = preprocess.check_normalization(config.data.get("normalize", "crop"))
+    normalize = preprocess.check_normalization(config.data.normalize)
     plan = Plan(len(dataset), int(shard_size))
     spec = {"format": FORMAT, "checkpoint": os.path.abspath(ckpt_dir) if "://" not in ckpt_dir else ckpt_dir,
             "step": int(step), "model": f"{config.model.name} {config.model.variant}",
@@ -330,8 +330,7 @@ def embed_dataset(workdir: str, dataset_dir: str | None, out_dir: str, *, blocks
             "num_records": len(dataset), "crop_shape": list(dataset.crop_shape), "normalize": normalize,
             "shard_size": plan.shard_size, "num_shards": plan.num_shards}
     check_spec(out_dir, spec)                     # every process: all refuse alike
-    model, config, step = state_lib.load_model(ckpt_dir, step=step, mesh=mesh)
-    rules = shd.rules_from_config(config.sharding_rules)
+    model, config, step = state_lib.load_model(ckpt_dir, step=step, mesh=mesh, rules=rules)
     try:
         shape = output_shapes(model, dataset.crop_shape)["blocks"]
     except Exception as e:   # noqa: BLE001 - e.g. 4-channel crops into a 6-channel ViT
@@ -375,10 +374,9 @@ def embed_dataset(workdir: str, dataset_dir: str | None, out_dir: str, *, blocks
         bar = Progress(todo, f"embed process {pi}/{pc}", "crops", enabled=progress and todo > 0)
         embedder = batches = None
         if mine:   # a process with nothing left to do (a finished job, a resume) still keeps the rounds
-            level = int(config.get("xla_backend_optimization_level", -1))   # as the trainer compiles
             embedder = Embedder(model, mesh, batch_size or int(config.eval.batch_size), rules, keys=("blocks",),
                                 normalize=normalize, plate_stats=stats, blocks=tuple(b - 1 for b in chosen),
-                                compiler_options={"xla_backend_optimization_level": level} if level >= 0 else None)
+                                compiler_options=step_lib.compiler_options(config))   # as the trainer compiles
             batches = _read_batches(dataset, ranges, embedder.batch_size, read_threads)
         for r in range(rounds):
             if r < len(mine):

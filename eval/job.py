@@ -2,16 +2,18 @@
 every block (recall of known relationships and replicate consistency after batch correction, probe tasks).
 
   python -m eval.job --workdir runs/demo [--dataset DIR] [--out DIR] [--features KIND]
-      [--tasks perturbation functional_group:split=perturbations qc experiment] [--eval KEY=VALUE ...]
+      [--tasks perturbation functional_group:split=perturbations qc experiment] [--config.eval.KEY=VALUE ...]
 
 `mae` evaluates the run's latest checkpoint (in `<workdir>/checkpoints`, or the run's `ckpt_dir`);
 `random_init` the same architecture with fresh weights (the untrained control); `handcrafted`
 CellProfiler-grade features, no model (eval/cellprofiler.py: nuclei / cell segmentation, cp-measure
 measurements, pycytominer-style selection; one crop per well); `handcrafted_fast` the fast per-image
 statistics of eval/handcrafted.py, every crop; `oracle` the synthetic screen's true well parameters (the ceiling). The eval settings are `maejax.config.base().eval`, overlaid with
-the run's own `eval` section and then with `--tasks` / `--annotations` / `--eval KEY=VALUE` (e.g. `--eval
-probe_model=logistic groups=anax.csv`). Outputs go to `<out>` (default `<workdir>/eval/<features>`):
-report.json, embeddings.parquet, blocks.png, similarity.png.
+the run's own `eval` section and then with `--tasks` / `--annotations` / `--config.eval.KEY=VALUE` (e.g.
+`--config.eval.probe_model=logistic --config.eval.groups=anax.csv`; `--eval KEY=VALUE ...`, its spelling
+before, is deprecated). The model embeds under its run's sharding rules, data-parallel over every device.
+Outputs go to `<out>` (default `<workdir>/eval/<features>`): report.json, embeddings.parquet, blocks.png,
+similarity.png.
 
 What the map needs comes from the dataset and one set of defaults (docs/eval.md), checked before anything
 is embedded: the control (`eval.control`, default: the manifest's `control_label`, else its `controls`,
@@ -50,16 +52,19 @@ MODEL_FEATURES = ("mae", "random_init")      # the kinds that run the run's mode
 BATCH_COLUMNS = ("experiment", "plate")      # well-level columns (eval.tasks.WELL_KEYS) a map batch can be
 
 
-def embed_screen(model, dataset_dir: str, batch_size: int, normalize: str = "crop"
+def embed_screen(model, config: ml_collections.ConfigDict, dataset_dir: str, batch_size: int
                  ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Every crop of the dataset -> (N, blocks, D) pooled block features, plus crop metadata; crops are
-    normalised as the model was trained (`data.normalize`; plate statistics of this dataset)."""
+    """Every crop of the dataset -> (N, blocks, D) pooled block features, plus crop metadata, with the model
+    of the run `config` (its sharding rules; crops normalised as it was trained, `data.normalize`, with
+    plate statistics of this dataset)."""
     from maejax.input_pipeline import open_dataset
     from maejax.preprocess import plate_statistics
-    mesh = shd.make_mesh({"data": -1})
+    rules = shd.rules_from_config(config.sharding_rules)
     dataset = open_dataset(dataset_dir)
+    normalize = config.data.normalize
     stats = plate_statistics(dataset) if normalize == "plate" else None
-    embedder = Embedder(model, mesh, batch_size, keys=("blocks",), normalize=normalize, plate_stats=stats)
+    embedder = Embedder(model, shd.batch_mesh(rules), batch_size, rules, keys=("blocks",), normalize=normalize,
+                        plate_stats=stats)
     feats, meta = embedder.embed_batches(iterate_records(dataset, embedder.batch_size))
     return feats["blocks"], meta
 
@@ -82,7 +87,7 @@ def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: i
     step = ckpts.latest_step()
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    config = ml_collections.ConfigDict(ckpts.meta(step)["config"])
+    config = config_lib.complete(ckpts.meta(step)["config"])
     ckpts.close()
     dataset_dir = dataset_dir or config.data.dir
     batch_size = batch_size or config.eval.batch_size
@@ -100,13 +105,13 @@ def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: i
     if kind == "mae":
         model, _, _ = state_lib.load_model(ckpt_dir, step=step)
     else:  # the same architecture, untrained
-        mesh = shd.make_mesh({"data": -1})
         rules = shd.rules_from_config(config.sharding_rules)
+        mesh = shd.batch_mesh(rules)
         sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed + 1)
         fresh = state_lib.initialize(config.model, mesh, rules, sharded, seed=config.seed + 1)
         with shd.activate(mesh, rules):
             model = nnx.merge(sharded.model_def, fresh)
-    feats, meta = embed_screen(model, dataset_dir, batch_size, config.data.get("normalize", "crop"))
+    feats, meta = embed_screen(model, config, dataset_dir, batch_size)
     return feats, meta, config, dataset_dir, step
 
 
@@ -139,15 +144,15 @@ def dataset_controls(manifest: dict[str, Any], control: str, where: str) -> tupl
     if control:
         if control not in perturbations:
             raise EvalSetupError(f"eval.control={control!r} is not a perturbation of {where} (its manifest's controls: "
-                                 f"{listed or 'none'}); pass --eval control=LABEL with a control of this dataset, or "
-                                 f"--eval control= to take the manifest's")
+                                 f"{listed or 'none'}); pass --config.eval.control=LABEL with a control of this dataset, "
+                                 f"or --config.eval.control= to take the manifest's")
         return control, tuple(c for c in listed if c != control)
     label = str(manifest.get("control_label") or "")
     if label in perturbations:
         return label, tuple(c for c in listed if c != label)
     if not listed:
         raise EvalSetupError(f"{where}/manifest.json lists no controls (no record is marked is_control), and the map "
-                             f"is corrected on control wells; pass --eval control=LABEL naming the control "
+                             f"is corrected on control wells; pass --config.eval.control=LABEL naming the control "
                              f"perturbation, or rebuild the dataset with its control labels")
     order = [str(c) for src in manifest.get("sources") or [] if isinstance(src, dict)
              for c in src.get("control_labels") or []]
@@ -160,7 +165,7 @@ def check_channels(model_cfg: Any, channels: int, names: list[str], dataset_dir:
     takes 1 to max_channels channels, any other exactly in_channels."""
     name, in_channels = model_cfg.name, int(model_cfg.in_channels)
     if name == "ca_mae":
-        limit = int(model_cfg.get("max_channels", 0) or in_channels)
+        limit = int(model_cfg.max_channels or in_channels)
         if not 1 <= channels <= limit:
             raise EvalSetupError(f"{dataset_dir} has {channels} channels ({', '.join(names)}); the channel-agnostic "
                                  f"model of {workdir} takes 1 to {limit} (model.max_channels): evaluate it on a "
@@ -178,7 +183,7 @@ def map_settings(e: ml_collections.ConfigDict, manifest: dict[str, Any], dataset
         value = e[key]
         if (value or key == "batch_col") and value not in BATCH_COLUMNS:
             raise EvalSetupError(f"eval.{key}={value!r}: a map batch is one of {list(BATCH_COLUMNS)} (columns every "
-                                 f"well has); pass --eval {key}=experiment or {key}=plate")
+                                 f"well has); pass --config.eval.{key}=experiment or plate")
     control, drop = dataset_controls(manifest, e.control, dataset_dir)
     return MapSettings(control=control, drop=drop, batch_col=e.batch_col, pca_batch_col=e.pca_batch_col or None,
                        annotations=find_annotations(e.annotations, dataset_dir),
@@ -201,12 +206,12 @@ def check_annotations(workdir: str, dataset_dir: str | None, overrides: dict[str
     ckpts.close()
     if meta is None:
         return None   # features_for says there is no checkpoint
-    config = ml_collections.ConfigDict(meta["config"])
+    config = config_lib.complete(meta["config"])
     dataset_dir = dataset_dir or config.data.dir
     if not dataset_dir:
         what = "a converted model" if meta.get("converted_from") else "data.dir is empty"
         raise EvalSetupError(f"{workdir}: its config names no dataset ({what}); pass --dataset DIR")
-    e = eval_config(config.get("eval", ml_collections.ConfigDict()), overrides)
+    e = eval_config(config.eval, overrides)
     try:
         dataset = open_dataset(dataset_dir)
     except (OSError, ValueError) as err:    # no manifest, a damaged shard or table: the reader's one line
@@ -231,12 +236,8 @@ def check_annotations(workdir: str, dataset_dir: str | None, overrides: dict[str
 def eval_config(stored: ml_collections.ConfigDict, overrides: dict[str, Any] | None = None
                 ) -> ml_collections.ConfigDict:
     """base().eval overlaid with a run's stored eval section (older runs lack newer keys) and then with
-    {key: value} overrides; unknown keys are errors that name them."""
-    cfg = config_lib.base().eval
-    for key, value in stored.items():
-        if key in cfg:
-            cfg[key] = value
-    cfg.lock()
+    {key: value} overrides (keys of the eval section); unknown keys are errors that name them."""
+    cfg = config_lib.complete(stored, "eval")
     for key, value in (overrides or {}).items():
         config_lib.override(cfg, key, value)
     return cfg
@@ -279,7 +280,7 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
     settings = check_annotations(workdir, dataset_dir, overrides, kind=kind)
     feats, meta, config, dataset_dir, step = features_for(kind, workdir, dataset_dir, batch_size)
     t_embed = time.time() - t0
-    e = eval_config(config.get("eval", ml_collections.ConfigDict()), overrides)
+    e = eval_config(config.eval, overrides)
     report = screen.evaluate_blocks(
         feats, meta, settings.annotations, control=settings.control, drop=list(settings.drop),
         batch_col=settings.batch_col, pca_batch_col=settings.pca_batch_col,
@@ -297,7 +298,8 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
     return report
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv, eval_overrides = config_lib.parse_override_flags(sys.argv[1:] if argv is None else argv, only="eval")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", required=True, help="training run directory (its config.json says where the checkpoints are)")
     ap.add_argument("--dataset", default=None, help="dataset directory (default: the one it was trained on)")
@@ -309,12 +311,16 @@ def main() -> None:
     ap.add_argument("--batch_size", type=int, default=None)
     ap.add_argument("--tasks", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
                     help="probe tasks (eval/tasks.py); default: the run's eval.tasks")
-    ap.add_argument("--eval", nargs="+", default=[], metavar="KEY=VALUE", help="eval config overrides")
-    a = ap.parse_args()
+    ap.add_argument("--eval", nargs="+", default=[], help=argparse.SUPPRESS)   # deprecated: --config.eval.KEY=VALUE
+    a = ap.parse_args(argv)
     ckpt_dir = run_checkpoint_dir(a.workdir)
     if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):
         raise SystemExit(f"{a.workdir}: no checkpoint directory {ckpt_dir} (train first: python -m maejax.train ...)")
-    overrides = config_lib.parse_overrides(a.eval, "--eval")
+    if a.eval:
+        config_lib.deprecated_flag("--eval KEY=VALUE", "--config.eval.KEY=VALUE")
+        eval_overrides = {**config_lib.parse_override_flags([f"--config.eval.{kv}" for kv in a.eval])[1],
+                          **eval_overrides}
+    overrides = {key.removeprefix("eval."): value for key, value in eval_overrides.items()}
     if a.tasks:
         overrides["tasks"] = a.tasks
     if a.annotations is not None:

@@ -24,10 +24,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import ml_collections
 import pandas as pd
 
-from maejax.config import base
 from maejax.models.flops import abstract_model, param_count
 
 DEFAULT_REPORT = os.path.join("eval", "mae", "report.json")
@@ -47,15 +45,6 @@ def find_runs(paths: Sequence[str]) -> list[str]:
     if not runs:
         raise ValueError(f"no run directory (one holding config.json) in {list(paths)}")
     return runs
-
-
-def _model_config(config: dict[str, Any]) -> ml_collections.ConfigDict:
-    """The run's model section on top of base() (older runs lack newer keys)."""
-    model = base().model
-    for key, value in config["model"].items():
-        if key in model:
-            model[key] = value
-    return model
 
 
 def _dataset(data_dir: str) -> tuple[str, int | None]:
@@ -79,7 +68,7 @@ def run_row(run_dir: str, report_path: str = DEFAULT_REPORT) -> dict[str, Any]:
     for key in ("best_block", "best", "blocks"):
         if key not in report:
             raise ValueError(f"{path}: not an eval report (no {key!r})")
-    model = abstract_model(_model_config(config))
+    model = abstract_model(config["model"])   # base()'s defaults for keys added since
     crop = int(config["data"]["crop_size"])
     batch = int(config["data"]["batch_size"])
     steps = int(report.get("checkpoint_step") or config["total_steps"])

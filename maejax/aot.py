@@ -5,10 +5,10 @@ memory each device needs, before a pod or a cluster is booked.
   python -m maejax.aot --config configs/mae_scale.py:preset=G8 --topology v5p:8x8x8
   # fake CPU devices (the CPU compiler's memory, a rough guide for GPUs):
   python -m maejax.aot --config configs/mae_synthetic.py:preset=tiny --fake_devices 8
-  # the README table (ViT-L/8 and ViT-G/8 at the papers' batch sizes on several layouts):
-  python -m maejax.aot --table [--layouts v5p-256,v5p-512]
+  # the README table (ViT-L/8 and ViT-G/8 at the papers' batch sizes on several layouts), with overrides:
+  python -m maejax.aot --table [--layouts v5p-256,v5p-512] [--config.model.remat=dots]
 
-The step is the trainer's own (maejax.step), lowered with abstract state and batch (ShapeDtypeStructs
+The step is the trainer's own (maejax.step.setup), lowered with abstract state and batch (ShapeDtypeStructs
 with the target shardings), so nothing is allocated and the numbers are the compiled program's: per device,
 arguments (parameter and optimiser shards, the batch) + temporaries (activations, gathered weights,
 gradients) + outputs not aliased to donated inputs.
@@ -18,14 +18,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 import time
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 
-from maejax import optim, sharding as shd, state as state_lib, step as step_lib
-from maejax.config import check_known, parse_overrides
+from maejax import config as config_lib, step as step_lib
 
 GiB = 2**30
 
@@ -81,21 +81,13 @@ def tpu_devices(topology: str, num_slices: int = 1) -> list:
 
 def compile_step(config: ml_collections.ConfigDict, devices: Sequence) -> dict[str, Any]:
     """Compiles the train step of `config` for `devices`; returns the per-device memory and the set-up."""
-    check_known(config)
-    mesh = shd.make_mesh(dict(config.mesh), devices)
-    rules = shd.rules_from_config(config.sharding_rules)
-    step_lib.check_batch(config, mesh)
-    total = int(config.total_steps)
-    sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=optim.make(config.optim, total))
     t0 = time.time()
-    p_step = step_lib.jit_train_step(sharded, config, mesh, rules, optim.schedule(config.optim, total))
-    compiled = step_lib.compile_train_step(p_step, sharded, config, mesh, rules)
-    crop = int(config.data.crop_size)
+    train_setup = step_lib.setup(config, devices)
+    compiled = train_setup.compile()
     return {
-        "devices": len(devices), "device_kind": devices[0].device_kind, "mesh": dict(mesh.shape),
+        "devices": len(devices), "device_kind": devices[0].device_kind, "mesh": dict(train_setup.mesh.shape),
         "batch": int(config.data.batch_size), "per_device_batch": int(config.data.batch_size) / len(devices),
-        "params": sum(x.size for x in jax.tree.leaves(sharded.model_abstract)),
-        "train_flops_per_crop": sharded.abstract_model().flops_per_crop(crop, crop)["train"],
+        "params": train_setup.num_params, "train_flops_per_crop": train_setup.flops_per_example,
         "memory": step_lib.describe_memory(compiled), "compile_s": time.time() - t0,
     }
 
@@ -110,7 +102,6 @@ TABLE = (("L8", "v5p-256"), ("L8", "v5p-512"), ("L8", "v5p-1024"), ("L8", "v4-25
 def table_row(preset: str, layout: Layout, overrides: dict[str, Any], done: dict) -> str:
     """One row; `done` memoises compiles by (preset, topology), which GPU stand-ins share with TPU rows.
     A program the TPU compiler cannot fit in the chip's memory is a row that says so."""
-    from maejax import config as config_lib
     config = config_lib.load(f"{os.path.dirname(os.path.dirname(__file__))}/configs/mae_scale.py:preset={preset}",
                              overrides)
     key = (preset, layout.topology, layout.num_slices)
@@ -142,7 +133,10 @@ TABLE_HEADER = ("| model | layout | devices | mesh | crops/device | remat | argu
 
 def main(argv) -> None:
     del argv
-    overrides = parse_overrides(_SET.value, "--set")
+    overrides = dict(_OVERRIDES)
+    if _SET.value:   # deprecated: --set KEY=VALUE
+        config_lib.deprecated_flag("--set KEY=VALUE", "--config.KEY=VALUE")
+        overrides.update(config_lib.parse_override_flags([f"--config.{kv}" for kv in _SET.value])[1])
     if _TABLE.value:
         wanted = set(_LAYOUTS.value)
         rows = [(p, LAYOUTS[l]) for p, l in TABLE if not wanted or l in wanted or f"{p}:{l}" in wanted]
@@ -151,7 +145,7 @@ def main(argv) -> None:
         for preset, layout in rows:
             print(table_row(preset, layout, overrides, done), flush=True)
         return
-    config = _CONFIG.value
+    config = config_lib.load(_CONFIG.value, overrides)
     if _FAKE_DEVICES.value:
         devices = jax.devices("cpu")
     else:
@@ -164,16 +158,17 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (FILE.py[:ARG]).", lock_config=True)
+    _ARGV, _OVERRIDES = config_lib.parse_override_flags(sys.argv)
+    _CONFIG = flags.DEFINE_string("config", None, "Config file (FILE.py[:ARG]); override its keys (and, with "
+                                                  "--table, every row's) with --config.SECTION.KEY=VALUE.")
     _TOPOLOGY = flags.DEFINE_string("topology", None, "libtpu topology, e.g. v5p:4x4x8, v5e:16x16, v4:4x4x8")
     _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (multi-slice over DCN: set mesh.dcn_*)")
     _FAKE_DEVICES = flags.DEFINE_integer("fake_devices", 0, "compile for this many fake CPU devices instead")
     _TABLE = flags.DEFINE_bool("table", False, "print the README memory table (ViT-L/8 and ViT-G/8 MAE)")
     _LAYOUTS = flags.DEFINE_list("layouts", [], f"with --table: only these rows, LAYOUT or PRESET:LAYOUT, layouts "
                                                 f"from {sorted(LAYOUTS)}")
-    _SET = flags.DEFINE_multi_string("set", [], "with --table: config override KEY=VALUE for every row")
+    _SET = flags.DEFINE_multi_string("set", [], "deprecated: --config.KEY=VALUE")
 
     def _validate(argv):
         if not (flags.FLAGS.table or flags.FLAGS.config):
@@ -185,4 +180,4 @@ if __name__ == "__main__":
                                        f" --xla_force_host_platform_device_count={flags.FLAGS.fake_devices}")
         main(argv)
 
-    app.run(_validate)
+    app.run(_validate, argv=_ARGV)

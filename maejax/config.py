@@ -212,7 +212,8 @@ def unknown_key(key: str, depth: int, known, where: str = "") -> str:
     parts = key.split(".")
     known = sorted(known)
     close = difflib.get_close_matches(parts[depth], known, n=1)
-    hint = f"did you mean {'.'.join(parts[:depth] + close)}?" if close else f"known keys there: {known}"
+    hint = (f"did you mean {'.'.join(parts[:depth] + close + parts[depth + 1:])}?" if close
+            else f"known keys there: {known}")
     return f"unknown config key {key!r}{f' in {where}' if where else ''}; {hint}"
 
 
@@ -274,24 +275,15 @@ def parse_override_flags(argv: Sequence[str], *, only: str = "") -> tuple[list[s
             raise SystemExit(f"{arg}: this command takes only --config.{only}.KEY=VALUE overrides")
         try:
             node, leaf = locate(reference, key, arg)
+            if isinstance(node[leaf], ml_collections.ConfigDict):
+                raise TypeError(f"{key} is a section: set one of its keys, --config.{key}.KEY=VALUE")
+            override(reference, key, value)   # the value must fit the key's type
         except KeyError as e:
             raise SystemExit(e.args[0]) from None
-        if isinstance(node[leaf], ml_collections.ConfigDict):
-            raise SystemExit(f"{arg}: {key} is a section ({sorted(node[leaf].keys())}); set one of its keys")
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"{arg}: {e}") from None
         out[key] = value
     return rest, out
-
-
-def parse_overrides(items, flag: str = "override") -> dict[str, str]:
-    """Command-line `KEY=VALUE` items -> {KEY: VALUE} (values stay strings; `override` parses them).
-    An item without `=` is a SystemExit that names it and the flag it came from."""
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise SystemExit(f"{flag} {item!r} is not KEY=VALUE")
-        out[key] = value
-    return out
 
 
 def deprecated_flag(old: str, new: str) -> None:

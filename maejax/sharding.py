@@ -119,10 +119,11 @@ def activate(mesh: Mesh, rules):
         yield
 
 
-def logical_spec(names: Sequence[str | None]) -> P:
-    """Logical names -> PartitionSpec under the active rules (unknown names stay unsharded)."""
-    rules = dict(spmd.get_logical_axis_rules())
-    return P(*[rules.get(n) if n is not None else None for n in names])
+def logical_spec(names: Sequence[str | None], rules=None) -> P:
+    """Logical names -> PartitionSpec under `rules` (default: the active rules; unknown names stay
+    unsharded)."""
+    table = dict(spmd.get_logical_axis_rules() if rules is None else rules)
+    return P(*[table.get(n) if n is not None else None for n in names])
 
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
@@ -133,13 +134,32 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_spec(names))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Global batches are split over (data, fsdp) on their leading axis."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+# The logical name of every batch's leading axis: the input batch is sharded like the activations, by the
+# rules table's entry for it (MaxText derives its input sharding from the logical rules the same way).
+BATCH = "act_batch"
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_axes(rules) -> tuple[str, ...]:
+    """The mesh axes the rules split a batch over (those of BATCH), in order."""
+    axes = dict(rules).get(BATCH)
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
+    """Global batches are split over the rules' batch axes (`batch_axes`) on their leading axis."""
+    return NamedSharding(mesh, logical_spec((BATCH,) + (None,) * (ndim - 1), rules))
+
+
+def data_parallel_size(mesh, rules) -> int:
+    """How many ways a batch is split: the product of its mesh axes' sizes (`batch_axes`)."""
+    return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def batch_mesh(rules, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh for inference (embedding): every device on the first mesh axis the rules split a batch over
+    (data where they split it over none), so a model evaluates data-parallel under its run's rules."""
+    axes = batch_axes(rules)
+    return make_mesh({axes[0] if axes else "data": -1}, devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -8,13 +8,13 @@ import os
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import optax
 from flax import nnx
 from jax.sharding import Mesh
 
 from maejax import models, sharding as shd
 from maejax.checkpoint import Checkpoints
+from maejax.config import complete
 
 
 @dataclasses.dataclass
@@ -79,18 +79,20 @@ def initialize(model_cfg, mesh: Mesh, rules, sharded: ShardedState, *, seed: int
 
 
 def load_model(checkpoint_dir: str, *, step: int | None = None, mesh: Mesh | None = None, rules=None):
-    """Restores a trained model for inference onto whatever devices exist (default: all, data-parallel).
+    """Restores a trained model for inference onto whatever devices exist (default: all, data-parallel on
+    the mesh axes the run's rules put a batch on: `sharding.batch_mesh`).
 
-    Returns (model, config, step). The config is the one the model was trained with (stored in `meta`).
+    Returns (model, config, step). The config is the one the model was trained with (stored in `meta`),
+    with base()'s defaults for keys added since (`config.complete`).
     """
     ckpts = Checkpoints(checkpoint_dir)
     try:
         step = ckpts.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint found in {os.path.abspath(checkpoint_dir)}")
-        config = ml_collections.ConfigDict(ckpts.meta(step)["config"])
-        mesh = mesh if mesh is not None else shd.make_mesh({"data": -1})
+        config = complete(ckpts.meta(step)["config"])
         rules = rules if rules is not None else shd.rules_from_config(config.sharding_rules)
+        mesh = mesh if mesh is not None else shd.batch_mesh(rules)
         sharded = abstract(config.model, mesh, rules, seed=config.seed)
         # A checkpoint whose arrays another kind of model wrote (its meta config edited or copied, or model
         # code and config defaults changed since it was trained): one line naming both, not a tree diff.

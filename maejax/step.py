@@ -3,10 +3,13 @@ lax.scan), the optimiser update (global-norm clipping, masked weight decay), a g
 untouched when the loss or gradient is not finite, and the step's metrics.
 
 Parameters and optimiser state stay float32 (master weights); the model computes in `model.dtype`.
+`setup(config, devices)` sets a config's step up (mesh, rules, batch check, optimiser, abstract state,
+shardings, jit) for the trainer, the ahead-of-time compiler (maejax.aot) and the throughput benchmark.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,36 +19,39 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from maejax import sharding as shd
+from maejax import optim, sharding as shd, state as state_lib
+from maejax.config import check_known
 from maejax.state import ShardedState
 
 BATCH_KEYS = {"image": 4, "label": 1}  # what the step reads from a batch, with its rank
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
-    return {k: shd.batch_sharding(mesh, ndim) for k, ndim in BATCH_KEYS.items()}
+def batch_shardings(mesh: Mesh, rules) -> dict[str, NamedSharding]:
+    return {k: shd.batch_sharding(mesh, rules, ndim) for k, ndim in BATCH_KEYS.items()}
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch as ShapeDtypeStructs (for ahead-of-time lowering)."""
+def abstract_batch(config: ml_collections.ConfigDict, shardings: dict[str, NamedSharding]
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as ShapeDtypeStructs with `shardings` (`batch_shardings`), for ahead-of-time lowering."""
     b, c, s = int(config.data.batch_size), int(config.model.in_channels), int(config.data.crop_size)
-    sh = batch_shardings(mesh)
-    return {"image": jax.ShapeDtypeStruct((b, c, s, s), jnp.float32, sharding=sh["image"]),
-            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sh["label"])}
+    return {"image": jax.ShapeDtypeStruct((b, c, s, s), jnp.float32, sharding=shardings["image"]),
+            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=shardings["label"])}
 
 
-def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """The global batch (and each microbatch) must split evenly over the data-parallel devices and the
-    processes; checked before anything is built."""
+def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
+    """The global batch (and each microbatch) must split evenly over the data-parallel devices (the mesh
+    axes the config's rules put the batch on) and the processes; checked before anything is built."""
     batch, accum = int(config.data.batch_size), int(config.optim.grad_accum_steps)
-    dp = shd.data_parallel_size(mesh)
+    rules = shd.rules_from_config(config.sharding_rules)
+    dp = shd.data_parallel_size(mesh, rules)
     if accum < 1 or batch % accum:
         raise ValueError(f"data.batch_size={batch} is not divisible by optim.grad_accum_steps={accum}")
     if (batch // accum) % dp:
         what = (f"microbatch {batch // accum} (data.batch_size / optim.grad_accum_steps)" if accum > 1
                 else f"data.batch_size={batch}")
-        raise ValueError(f"{what} is not divisible by the data-parallel size {dp} = data x fsdp of the mesh "
-                         f"{dict(mesh.shape)}")
+        axes = " x ".join(shd.batch_axes(rules)) or "no axis"
+        raise ValueError(f"{what} is not divisible by the data-parallel size {dp} = {axes} (the sharding rule "
+                         f"of {shd.BATCH}) of the mesh {dict(mesh.shape)}")
     if batch % jax.process_count():
         raise ValueError(f"data.batch_size={batch} is not divisible by the {jax.process_count()} processes")
 
@@ -55,7 +61,7 @@ def split_microbatches(x: jax.Array, steps: int) -> jax.Array:
     rows (a (B/steps, steps) reshape does not cross shard boundaries), so each microbatch stays spread
     over all data-parallel devices."""
     x = x.reshape(x.shape[0] // steps, steps, *x.shape[1:]).swapaxes(0, 1)
-    return shd.constrain(x, None, "act_batch", *([None] * (x.ndim - 2)))
+    return shd.constrain(x, None, shd.BATCH, *([None] * (x.ndim - 2)))
 
 
 def constrain_like_params(tree):
@@ -120,24 +126,71 @@ def make_train_step(sharded: ShardedState, config: ml_collections.ConfigDict,
     return train_step
 
 
-def jit_train_step(sharded: ShardedState, config: ml_collections.ConfigDict, mesh: Mesh, rules,
-                   lr_schedule: optax.Schedule):
-    """The jitted step with explicit in/out shardings; the model and optimiser states are donated."""
-    with shd.activate(mesh, rules):
-        return jax.jit(make_train_step(sharded, config, lr_schedule),
-                       in_shardings=(sharded.model_shardings, sharded.opt_shardings, batch_shardings(mesh), None),
-                       out_shardings=(sharded.model_shardings, sharded.opt_shardings, None),
-                       donate_argnums=(0, 1))
-
-
 STEP_ARG = jax.ShapeDtypeStruct((), jnp.int32)  # the step number, as the compiled step expects it
 
 
-def compile_train_step(p_step, sharded: ShardedState, config: ml_collections.ConfigDict, mesh: Mesh, rules):
-    """Lowers and compiles once for the abstract state and batch (no device memory is touched)."""
+@dataclasses.dataclass
+class TrainSetup:
+    """A config's train step on a set of devices, set up without computing anything (`setup`): the mesh and
+    rules, the optimiser and its schedule, the abstract model and optimiser state with their shardings,
+    the batch's shardings, and the step jitted with explicit in/out shardings (the model and optimiser
+    states donated). The trainer, maejax.aot and benchmarks/train_throughput all start here."""
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    rules: tuple
+    tx: optax.GradientTransformation
+    lr_schedule: optax.Schedule
+    sharded: ShardedState
+    batch_shardings: dict[str, NamedSharding]
+    jitted: Callable      # (model_state, opt_state, batch, step) -> (model_state, opt_state, metrics)
+
+    def activate(self):
+        """The mesh and rules context every program of this step is traced and run under."""
+        return shd.activate(self.mesh, self.rules)
+
+    @property
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.sharded.model_abstract))
+
+    @property
+    def flops_per_example(self) -> float:
+        """Analytic model FLOPs of one training crop (forward and backward), for MFU."""
+        crop = int(self.config.data.crop_size)
+        return self.sharded.abstract_model().flops_per_crop(crop, crop)["train"]
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        return abstract_batch(self.config, self.batch_shardings)
+
+    def compile(self):
+        """Lowers and compiles the step once for the abstract state and batch (no device memory is touched);
+        `describe_memory` of the result is its per-device memory."""
+        with self.activate():
+            return self.jitted.lower(self.sharded.model_abstract, self.sharded.opt_abstract, self.abstract_batch(),
+                                     STEP_ARG).compile(compiler_options=compiler_options(self.config))
+
+    def initialize(self):
+        """Fresh (model_state, opt_state), materialised directly in their shards."""
+        return state_lib.initialize(self.config.model, self.mesh, self.rules, self.sharded, seed=self.config.seed,
+                                    tx=self.tx, compiler_options=compiler_options(self.config))
+
+
+def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> TrainSetup:
+    """Checks the config (keys, mesh, batch split, parameter shardings: errors that name the setting) and
+    sets its train step up on `devices` (default: all). Nothing is allocated or compiled."""
+    check_known(config)
+    mesh = shd.make_mesh(dict(config.mesh), devices)
+    rules = shd.rules_from_config(config.sharding_rules)
+    check_batch(config, mesh)
+    total = int(config.total_steps)
+    tx, lr_schedule = optim.make(config.optim, total), optim.schedule(config.optim, total)
+    sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
+    batch_sh = batch_shardings(mesh, rules)
     with shd.activate(mesh, rules):
-        return p_step.lower(sharded.model_abstract, sharded.opt_abstract, abstract_batch(config, mesh),
-                            STEP_ARG).compile(compiler_options=compiler_options(config))
+        jitted = jax.jit(make_train_step(sharded, config, lr_schedule),
+                         in_shardings=(sharded.model_shardings, sharded.opt_shardings, batch_sh, None),
+                         out_shardings=(sharded.model_shardings, sharded.opt_shardings, None),
+                         donate_argnums=(0, 1))
+    return TrainSetup(config, mesh, rules, tx, lr_schedule, sharded, batch_sh, jitted)
 
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -165,9 +218,15 @@ def describe_memory(compiled) -> dict[str, Any]:
     return out
 
 
+def format_bytes(nbytes: float, scale: float | None = None) -> str:
+    """"1.23 GiB" or "45.67 MiB": GiB where `scale` (default `nbytes`) reaches a GiB."""
+    return (f"{nbytes / 2**30:.2f} GiB" if (nbytes if scale is None else scale) >= 2**30
+            else f"{nbytes / 2**20:.2f} MiB")
+
+
 def format_memory(mem: dict[str, Any]) -> str:
     if not mem:
         return "not reported by this backend"
-    size = lambda k: f"{mem[k] / 2**30:.2f} GiB" if mem["peak"] >= 2**30 else f"{mem[k] / 2**20:.2f} MiB"
+    size = lambda k: format_bytes(mem[k], mem["peak"])   # one unit for every part
     return (f"peak {size('peak')} = arguments {size('argument')} + temporaries {size('temp')} + outputs "
             f"{size('output')} - aliased (donated) {size('alias')}")

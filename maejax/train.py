@@ -28,9 +28,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from maejax import mfu, optim, preprocess, resume, sharding as shd, state as state_lib, step as step_lib
+from maejax import config as config_lib, mfu, preprocess, resume, step as step_lib
 from maejax.checkpoint import CheckpointMismatchError, Checkpoints, run_checkpoint_dir
-from maejax.config import base, check_known
 from maejax.records import RecordError
 from maejax.resume import ConfigChangeError
 from maejax.distributed import PreemptionNotice
@@ -65,17 +64,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     (otherwise a ConfigChangeError); both configs are kept (`maejax.resume.record_config`).
     """
     # ----------------------------------------------------------------------------------------------------
-    # Checks that need no compute: config keys, mesh, batch split, parameter shardings
+    # Checks that need no compute (config keys, mesh, batch split, parameter shardings) and the step's set-up
     # ----------------------------------------------------------------------------------------------------
-    check_known(config)
-    total = int(config.total_steps)
-    mesh = shd.make_mesh(dict(config.mesh))
-    rules = shd.rules_from_config(config.sharding_rules)
-    step_lib.check_batch(config, mesh)
-    batch = int(config.data.batch_size)
-    tx = optim.make(config.optim, total)
-    lr_schedule = optim.schedule(config.optim, total)
-    sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
+    train_setup = step_lib.setup(config)
+    mesh, sharded = train_setup.mesh, train_setup.sharded
+    total, batch = int(config.total_steps), int(config.data.batch_size)
     ckpt_dir = run_checkpoint_dir(workdir, config.ckpt_dir)
     ckpts = _open_checkpoints(ckpt_dir, int(config.keep_ckpts))   # None for a new run: nothing created yet
     notice = writer = None
@@ -130,14 +123,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                   + (" (input streams start afresh: the data settings changed)" if fresh_streams else ""),
                   flush=True)
         else:
-            model_state, opt_state = state_lib.initialize(
-                config.model, mesh, rules, sharded, seed=config.seed, tx=tx,
-                compiler_options=step_lib.compiler_options(config))
+            model_state, opt_state = train_setup.initialize()
         resume.record_config(config, workdir, start, saved, changes, refused, history)
         # Rows and TensorBoard events of steps after `start` (a killed run's) are dropped: each step once.
         writer = MetricWriter(workdir, total, resume_step=start)
-        n_params = sum(x.size for x in jax.tree.leaves(sharded.model_abstract))
-        print(f"{config.model.name} {config.model.variant}: {n_params / 1e6:.2f}M parameters on mesh "
+        print(f"{config.model.name} {config.model.variant}: {train_setup.num_params / 1e6:.2f}M parameters on mesh "
               f"{dict(mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} devices, "
               f"{jax.process_count()} processes, {data_iter.num_streams} input streams)", flush=True)
         abstract_model = sharded.abstract_model()
@@ -153,14 +143,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         # Train step: compiled once, ahead of the loop, so its memory is known before step 1
         # ------------------------------------------------------------------------------------------------
         t0 = time.time()
-        p_step = step_lib.jit_train_step(sharded, config, mesh, rules, lr_schedule)
-        compiled = step_lib.compile_train_step(p_step, sharded, config, mesh, rules)
+        compiled = train_setup.compile()
         print(f"Compiled the train step in {time.time() - t0:.1f} s; per-device memory: "
               f"{step_lib.format_memory(step_lib.describe_memory(compiled))}", flush=True)
-        batch, crop = int(config.data.batch_size), int(config.data.crop_size)
-        flops_per_example = abstract_model.flops_per_crop(crop, crop)["train"]
+        flops_per_example = train_setup.flops_per_example
         peak = mfu.device_peak(config.peak_tflops)
-        batch_sh = step_lib.batch_shardings(mesh)
+        batch_sh = train_setup.batch_shardings
 
         def to_global(b):
             return {k: jax.make_array_from_process_local_data(sh, np.asarray(b[k])) for k, sh in batch_sh.items()}
@@ -189,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             t_log, steps_since_log = time.time(), 0
             return out
 
-        with shd.activate(mesh, rules):
+        with train_setup.activate():
             for step in range(start, end):
                 b = to_global(next(data_iter))
                 model_state, opt_state, metrics = compiled(model_state, opt_state, b, step_lib.step_arg(step))
@@ -250,26 +238,6 @@ def _check_finite(rows: list[dict[str, np.ndarray]], first_step: int, last_saved
                 f"grad_norm={float(r['grad_norm'])}); stopped without saving; {then}")
 
 
-def check_override_flags(argv: list[str]) -> None:
-    """`--config.a.b=v` flags must name keys of maejax.config.base(); exits with the key and the keys that
-    exist there (config_flags alone fails with a traceback naming only the last part of the key)."""
-    import difflib
-
-    from maejax.config import base
-    for arg in argv[1:]:
-        if not arg.startswith("--config."):
-            continue
-        key = arg[len("--config."):].partition("=")[0]
-        node, parts = base(), key.split(".")
-        for i, part in enumerate(parts):
-            if not hasattr(node, "keys") or part not in node:
-                known = sorted(node.keys()) if hasattr(node, "keys") else []
-                close = difflib.get_close_matches(part, known, n=1)
-                hint = f"; did you mean {'.'.join(parts[:i] + close)}?" if close else f"; known: {known}"
-                raise SystemExit(f"unknown config key {key!r} in {arg}{hint}")
-            node = node[part]
-
-
 # Errors the CLI reports as one line on stderr (no traceback), with their exit status: bad input 2 (what
 # was refused and what to do), a NaN stop 1.
 ONE_LINE_ERRORS = ((ConfigChangeError, 2), (CheckpointMismatchError, 2), (RecordError, 2), (NonFiniteError, 1))
@@ -293,22 +261,23 @@ def main(argv) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     from maejax.platform_check import warn_if_accelerator_unused
     warn_if_accelerator_unused()   # a GPU or TPU on this machine but jax on the CPU: says so loudly
-    sys.exit(run(_CONFIG.value, _WORKDIR.value, accept_config_change=_ACCEPT_CONFIG_CHANGE.value))
+    config = config_lib.load(_CONFIG.value, _OVERRIDES)
+    sys.exit(run(config, _WORKDIR.value, accept_config_change=_ACCEPT_CONFIG_CHANGE.value))
 
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
     from maejax import distributed
 
-    check_override_flags(sys.argv)
+    _ARGV, _OVERRIDES = config_lib.parse_override_flags(sys.argv)   # an unknown key stops here, first
     distributed.initialize()  # before anything touches the devices
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (FILE.py[:ARG]).", lock_config=True)
+    _CONFIG = flags.DEFINE_string("config", None, "Config file (FILE.py[:ARG]); override its keys with "
+                                                  "--config.SECTION.KEY=VALUE.")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and config.")
     _ACCEPT_CONFIG_CHANGE = flags.DEFINE_bool(
         "accept_config_change", False, "Resume even though the config changes the model, optimiser, schedule or "
         "data the checkpoint was trained with (see RESUME_SAFE); config.json gets the new config, "
         "config.<step>.json keeps the old one.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, argv=_ARGV)

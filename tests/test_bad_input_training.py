@@ -58,8 +58,7 @@ def stand_in_programs(mp: pytest.MonkeyPatch, nan_at: int | None = None) -> None
         put = lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding)  # noqa: E731
         return jax.tree.map(put, sharded.model_abstract), jax.tree.map(put, sharded.opt_abstract)
     mp.setattr(state_lib, "initialize", zeros)
-    mp.setattr(step_lib, "jit_train_step", lambda *args: None)
-    mp.setattr(step_lib, "compile_train_step", lambda *args: StandInStep(nan_at))
+    mp.setattr(step_lib.TrainSetup, "compile", lambda self: StandInStep(nan_at))
 
 
 @pytest.fixture(scope="module")

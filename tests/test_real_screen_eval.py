@@ -237,9 +237,9 @@ def test_openphenom_every_block_on_6_and_4_channels(openphenom_run, tmp_path, mo
         source = JumpCP(JumpCP.find_load_data(raw), channels=["DNA", "ER", "RNA", "AGP"], wells=raw / "well.csv.gz",
                         perturbations=[raw / "crispr.csv.gz"])
         dataset = build(source, tmp_path / "crops", 64)
-        tasks = ["--eval", "probe=False"]
+        tasks = ["--config.eval.probe=False"]
     code, out, err = run_eval(monkeypatch, capsys, f"--workdir={openphenom_run}", f"--dataset={dataset}",
-                              f"--annotations={tables}", f"--out={tmp_path / 'eval'}", *tasks, "--eval", "n_boot=0")
+                              f"--annotations={tables}", f"--out={tmp_path / 'eval'}", *tasks, "--config.eval.n_boot=0")
     assert code == 0, err
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     check_report(report, blocks=3, probes=("perturbation",) if channels == 6 else ())   # openphenom_small: 3 blocks
@@ -312,10 +312,10 @@ def test_errors_before_embedding(openphenom_run, rxrx3_run, tmp_path, monkeypatc
     code, _, err = run_eval(monkeypatch, capsys, f"--workdir={openphenom_run}")
     assert code == 2 and err.strip() == (f"EvalSetupError: {openphenom_run}: its config names no dataset "
                                          f"(a converted model); pass --dataset DIR")
-    code, _, err = run_eval(monkeypatch, capsys, f"--workdir={workdir}", "--eval", "control=non-targeting")
+    code, _, err = run_eval(monkeypatch, capsys, f"--workdir={workdir}", "--config.eval.control=non-targeting")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("EvalSetupError: eval.control='non-targeting' is not a perturbation of")
-    code, _, err = run_eval(monkeypatch, capsys, f"--workdir={workdir}", "--eval", "batch_col=cell_type")
+    code, _, err = run_eval(monkeypatch, capsys, f"--workdir={workdir}", "--config.eval.batch_col=cell_type")
     assert code == 2 and "eval.batch_col='cell_type': a map batch is one of ['experiment', 'plate']" in err
     code, _, err = run_eval(monkeypatch, capsys, f"--workdir={workdir}", f"--annotations={tmp_path / 'none'}")
     assert code == 2 and err.startswith(f"AnnotationError: annotation folder {tmp_path / 'none'} does not exist")
@@ -362,7 +362,7 @@ def test_embeddings_parquet_gives_map_benchmark_the_same_recall(rxrx3_run, tmp_p
     from eval import embed_job
     workdir, dataset = rxrx3_run
     code, _, err = run_eval(monkeypatch, capsys, f"--workdir={workdir}", "--tasks", "perturbation",
-                            "--out", str(tmp_path / "job"), "--eval", "correction=none")
+                            "--out", str(tmp_path / "job"), "--config.eval.correction=none")
     assert code == 0, err
     blocks = json.loads((tmp_path / "job" / "report.json").read_text())["blocks"]
     assert embed_job.main([f"--workdir={workdir}", f"--dataset={dataset}", f"--out={tmp_path / 'emb'}"]) == 0

@@ -34,7 +34,7 @@ def test_accumulated_gradients_equal_the_full_batch_gradient_on_a_sharded_mesh()
     with shd.activate(mesh, shd.DEFAULT_RULES):
         model = Regression(nnx.Rngs(0))
         graphdef, state = nnx.split(model)
-        batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+        batch = {k: jax.device_put(v, shd.batch_sharding(mesh, shd.DEFAULT_RULES, v.ndim)) for k, v in batch.items()}
 
         @jax.jit
         def run(state, batch):
