@@ -89,6 +89,39 @@ def test_streamed_chunks_and_backends_agree(golden, backend):
         assert np.abs(fortran - one[rows]).max() < 1e-11
 
 
+
+def test_in_place_pca_equals_the_streamed_one(golden):
+    """embed_by_pca(overwrite=True) on a column-major matrix (eval.map_benchmark's parquet read) standardises
+    it in place and gives the streamed PCA: float64 to 1e-11 with contiguous and interleaved batches, float32
+    within its rounding even under batch offsets 1,000x the spread; other inputs are left untouched."""
+    x, b = golden["X"], golden["batch"]
+    streamed = efaar.embed_by_pca(x, b, 16, backend="numpy")
+    perm = np.random.default_rng(0).permutation(len(x))
+    for rows in (slice(None), perm):
+        owned = np.asfortranarray(x[rows])
+        in_place = efaar.embed_by_pca(owned, b[rows], 16, overwrite=True, chunk_rows=500, backend="numpy")
+        assert np.abs(in_place - streamed[rows]).max() < 1e-11
+        assert not np.array_equal(owned, x[rows])          # it was used as the workspace
+    kept = np.asfortranarray(x)
+    efaar.embed_by_pca(kept, b, 16, backend="numpy")       # overwrite defaults to False
+    assert np.array_equal(kept, x)
+    row_major = np.ascontiguousarray(x)
+    efaar.embed_by_pca(row_major, b, 16, overwrite=True, backend="numpy")   # not column-major: streamed
+    assert np.array_equal(row_major, x)
+    offsets = 1000 * np.abs(x).max() * (1 + np.arange(b.max() + 1 if b.dtype.kind in "iu" else len(set(b))))
+    codes = np.unique(b, return_inverse=True)[1]
+    shifted = x + offsets[codes][:, None]
+    exact = efaar.embed_by_pca(shifted, b, 16, backend="numpy")            # float64: shift-invariant
+    assert np.abs(exact - streamed).max() < 1e-8
+    rounded = shifted.astype(np.float32)                    # the float32 input, and its exact PCA
+    exact = efaar.embed_by_pca(rounded.astype(np.float64), b, 16, backend="numpy")
+    f32 = efaar.embed_by_pca(np.asfortranarray(rounded), b, 16, overwrite=True, backend="numpy")
+    f32_streamed = efaar.embed_by_pca(rounded, b, 16, backend="numpy")
+    assert f32.dtype == np.float32
+    scale = np.abs(exact).max()
+    assert np.abs(_sign_aligned(f32, exact) - exact).max() < 1e-3 * scale
+    assert np.abs(_sign_aligned(f32, exact) - exact).max() <= 2 * np.abs(_sign_aligned(f32_streamed, exact) - exact).max()
+
 def test_variance_fraction_components(golden):
     emb = efaar.pca(golden["X"], n_components=0.5)
     full = efaar.pca(golden["X"], n_components=None)
