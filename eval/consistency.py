@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from eval.efaar import group_means
 from eval.recall import normalize_rows
 
 P_VALUE_THRESHOLD = 0.05
@@ -127,11 +128,8 @@ def _profiles(features: np.ndarray, perturbations: np.ndarray, replicates) -> tu
     pert_codes, pert_uniques = pd.factorize(perturbations, use_na_sentinel=False)
     rep_codes, rep_uniques = pd.factorize(np.asarray(replicates), use_na_sentinel=False)
     codes, pairs = pd.factorize(pert_codes.astype(np.int64) * len(rep_uniques) + rep_codes)
-    order = np.argsort(codes, kind="stable")
-    counts = np.bincount(codes)
-    sums = np.add.reduceat(features[order], np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0)
-    means = sums / counts[:, None]
-    return (means.astype(features.dtype), np.asarray(pert_uniques)[pairs // len(rep_uniques)],
+    means, _ = group_means(features, codes, len(pairs))
+    return (means, np.asarray(pert_uniques)[pairs // len(rep_uniques)],
             np.asarray(rep_uniques)[pairs % len(rep_uniques)])
 
 

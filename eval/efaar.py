@@ -466,12 +466,29 @@ def tvn_on_controls(embeddings: np.ndarray, is_control, batches=None) -> np.ndar
 
 # --- aggregation --------------------------------------------------------------------------------
 
+def group_means(x: np.ndarray, codes: np.ndarray, num_groups: int, rows: np.ndarray | None = None,
+                dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of the rows of x (N, ...) per group: `codes` (integers 0..num_groups-1) label the rows
+    `rows` of x (default all). One sparse indicator matmul, summed in float64 (no sorted copy of the
+    rows), returned in `dtype` (default x's floating dtype). Returns (means (G, ...), row counts (G,)).
+    The project's one group mean: the EFAAR aggregation, well means of crops, replicate profiles."""
+    x = np.asarray(x)
+    rows = np.arange(len(x)) if rows is None else np.asarray(rows)
+    counts = np.bincount(codes, minlength=num_groups)
+    if (counts == 0).any():
+        raise ValueError(f"group #{int(np.flatnonzero(counts == 0)[0])} has no rows")
+    indicator = sparse.csr_matrix((np.ones(len(rows)), (codes, rows)), shape=(num_groups, len(x)))
+    sums = indicator @ x.reshape(len(x), -1)
+    out_dtype = dtype or (x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64)
+    means = (sums / counts[:, None]).astype(out_dtype, copy=False)
+    return means.reshape((num_groups,) + x.shape[1:]), counts
+
+
 def aggregate(embeddings: np.ndarray, perturbations, method: str = "mean",
               drop: Sequence = ()) -> tuple[np.ndarray, np.ndarray]:
     """One row per perturbation (sorted labels, as pandas groupby), rows labelled in `drop` removed.
 
-    Returns (features (P, d), labels (P,)). The mean is one sparse indicator matmul (no copy of
-    the rows); the median stacks the groups of each replicate count and takes np.median.
+    Returns (features (P, d), labels (P,)). The mean is `group_means`; the median stacks the groups of each replicate count and takes np.median.
     """
     if method not in ("mean", "median"):
         raise ValueError(f"aggregation method must be 'mean' or 'median', got {method!r}")
@@ -483,11 +500,9 @@ def aggregate(embeddings: np.ndarray, perturbations, method: str = "mean",
     if len(rows) == 0:
         raise ValueError("no rows left to aggregate after dropping controls")
     codes, uniq = pd.factorize(labels[rows], sort=True)
-    counts = np.bincount(codes)
     if method == "mean":
-        indicator = sparse.csr_matrix((np.ones(len(rows), x.dtype), (codes, rows)),
-                                      shape=(len(uniq), len(x)))
-        return (indicator @ x / counts[:, None]).astype(x.dtype), np.asarray(uniq)
+        return group_means(x, codes, len(uniq), rows)[0], np.asarray(uniq)
+    counts = np.bincount(codes)
     grouped = x[rows[np.argsort(codes, kind="stable")]]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     out = np.empty((len(uniq), x.shape[1]), x.dtype)

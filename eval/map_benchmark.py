@@ -74,7 +74,7 @@ def _read_parquet_features(path: str, dtype: str | None) -> tuple[np.ndarray, pd
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path, memory_map=True)   # pages of the OS cache, not a copy of them
     except Exception as e:  # pyarrow raises several types for a non-parquet file
         raise ValueError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from e
     schema = pf.schema_arrow

@@ -208,12 +208,10 @@ def well_means(features: np.ndarray, meta: pd.DataFrame) -> tuple[np.ndarray, np
     if missing:
         raise ValueError(f"crop metadata lacks column(s) {missing}")
     codes = _group_codes(meta, WELL_KEYS)
-    counts = np.bincount(codes)
-    order = np.argsort(codes, kind="stable")
-    starts = np.r_[0, np.cumsum(counts)[:-1]]
-    sums = np.add.reduceat(np.asarray(features, np.float64)[order], starts, axis=0)
-    wells = (sums / counts.reshape((-1,) + (1,) * (features.ndim - 1))).astype(np.float32)
-    return wells, order[starts], counts
+    wells, counts = efaar.group_means(features, codes, int(codes.max()) + 1, dtype=np.float32)
+    first = np.full(len(counts), len(codes))
+    np.minimum.at(first, codes, np.arange(len(codes)))
+    return wells, first, counts
 
 
 # --- running tasks ------------------------------------------------------------------------------
