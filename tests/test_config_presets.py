@@ -15,7 +15,7 @@ import pathlib
 import jax
 import pytest
 
-from maejax import config as config_lib, optim, sharding as shd, state as state_lib, step as step_lib
+from maejax import config as config_lib, sharding as shd, step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILES = sorted((REPO / "configs").glob("*.py"))
@@ -37,8 +37,9 @@ def preset_specs() -> list[str]:
 
 def fitted_mesh_axes(mesh: dict, num_devices: int) -> tuple[dict[str, int], list[str]]:
     """The mesh `mesh` asks for, on `num_devices` devices of one process: each dcn size is folded into its
-    axis (one granule here), and a fixed axis larger than the devices left is cut to what fits (gcd).
-    Returns the axis sizes and a note per cut axis. Two -1 axes stay two: make_mesh names that mistake."""
+    axis (one granule here), and a fixed axis larger than the devices left is cut to what fits (gcd); a
+    fully fixed mesh smaller than the devices takes the first ones (lay_out). Returns the axis sizes and a
+    note per cut axis. Two -1 axes stay two: make_mesh names that mistake."""
     sizes, cuts, left = {}, [], num_devices
     for axis in shd.MESH_AXES:
         ici, dcn = int(mesh.get(axis, 1)), int(mesh.get(f"dcn_{axis}", 1))
@@ -52,24 +53,17 @@ def fitted_mesh_axes(mesh: dict, num_devices: int) -> tuple[dict[str, int], list
     return sizes, cuts
 
 
-def mesh_on(config, devices) -> tuple[jax.sharding.Mesh, list[str]]:
-    """make_mesh for the config's mesh on `devices` (fitted as above; a fully fixed mesh smaller than the
-    devices takes the first ones)."""
+def lay_out(config, devices):
+    """Config -> (mesh, cuts, abstract model and optimiser state with shardings): the trainer's own set-up
+    (maejax.step.setup: keys, mesh, batch split, optimiser, abstract state) with the mesh fitted to `devices`;
+    nothing is allocated or compiled."""
     sizes, cuts = fitted_mesh_axes(dict(config.mesh), len(devices))
     used = len(devices) if -1 in sizes.values() else math.prod(sizes.values())
-    return shd.make_mesh(sizes, devices[:used]), cuts
-
-
-def lay_out(config, devices):
-    """Config -> (mesh, cuts, abstract model and optimiser state with shardings), with the same helpers the
-    trainer and maejax.aot use; nothing is allocated or compiled."""
-    config_lib.check_known(config)
-    mesh, cuts = mesh_on(config, devices)
-    step_lib.check_batch(config, mesh)
-    rules = shd.rules_from_config(config.sharding_rules)
-    tx = optim.make(config.optim, int(config.total_steps))
-    sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
-    return mesh, cuts, sharded
+    fitted = config.copy_and_resolve_references()
+    with fitted.unlocked():
+        fitted.mesh.update(sizes, **{f"dcn_{a}": 1 for a in shd.MESH_AXES})
+    train_setup = step_lib.setup(fitted, devices[:used])
+    return train_setup.mesh, cuts, train_setup.sharded
 
 
 def requested_mesh(config) -> jax.sharding.AbstractMesh:
@@ -117,7 +111,7 @@ def test_g8_mesh_is_cut_to_eight_devices_and_checked_at_fsdp_128():
 def test_two_minus_one_axes_are_refused_on_the_fake_devices():
     config = config_lib.load(str(REPO / "configs/mae_synthetic.py:preset=tiny"), {"mesh.fsdp": -1})
     with pytest.raises(shd.MeshError, match="at most one axis may be -1"):
-        mesh_on(config, jax.devices())
+        lay_out(config, jax.devices())
 
 
 @pytest.mark.parametrize("scale, paper", [("L8", "mae_l8"), ("G8", "mae_g8")])

@@ -440,10 +440,27 @@ def _child_main() -> None:
 
     from absl import app, flags
 
+    from maejax import config as config_lib
+
     jobs = json.loads(sys.stdin.read())
     FLAGS = flags.FLAGS
-    state = {"depth": 0}
+    state = {"depth": 0, "deprecated": []}
     original = (argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args, app.run)
+
+    def deprecated(help_text) -> bool:   # the spellings kept for one release: hidden, or said to be deprecated
+        return help_text == argparse.SUPPRESS or str(help_text or "").lower().startswith("deprecated")
+
+    def argparse_deprecated(parser, argv) -> None:
+        hidden = {}
+        todo = [parser]
+        while todo:
+            p = todo.pop()
+            for action in p._actions:
+                if deprecated(action.help):
+                    hidden.update(dict.fromkeys(action.option_strings, True))
+                if isinstance(action, argparse._SubParsersAction):
+                    todo += list(action.choices.values())
+        state["deprecated"] += [a.partition("=")[0] for a in argv if a.partition("=")[0] in hidden]
 
     def parse_args(self, args=None, namespace=None):
         state["depth"] += 1
@@ -451,12 +468,14 @@ def _child_main() -> None:
             original[0](self, args, namespace)
         finally:
             state["depth"] -= 1
+        argparse_deprecated(self, sys.argv[1:] if args is None else args)
         raise _Parsed(f"argparse parser {self.prog!r}")
 
     def parse_known_args(self, args=None, namespace=None):
         if state["depth"]:
             return original[1](self, args, namespace)
         _, extra = original[1](self, args, namespace)
+        argparse_deprecated(self, sys.argv[1:] if args is None else args)
         raise _Parsed(f"argparse parser {self.prog!r}; passed on unparsed: {extra}")
 
     def run(main, argv=None, flags_parser=None, **_):
@@ -467,6 +486,8 @@ def _child_main() -> None:
             if "--help" in argv:
                 raise _Parsed("absl flags: printed its --help") from None
             raise
+        names = [a[2:].partition("=")[0] for a in argv[1:] if a.startswith("--")]
+        state["deprecated"] += [f"--{n}" for n in names if n in FLAGS and deprecated(FLAGS[n].help)]
         raise _Parsed(f"absl flags ({len(list(FLAGS))} defined)")
 
     app.define_help_flags()   # what app.run defines before parsing; kept across jobs
@@ -474,11 +495,13 @@ def _child_main() -> None:
     argparse.ArgumentParser.parse_args = parse_args
     argparse.ArgumentParser.parse_known_args = parse_known_args
     app.run = run
+    config_lib.deprecated_flag = lambda old, new: state["deprecated"].append(old)   # said before parsing
     results = []
     for how, target, argv in jobs:
         before = set(FLAGS)
         stderr = io.StringIO()
         result = {"ok": False}
+        state["deprecated"] = []
         sys.argv = [target, *argv]
         try:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
@@ -490,6 +513,9 @@ def _child_main() -> None:
             result["error"] = "ran to the end without parsing its command line"
         except _Parsed as p:
             result = {"ok": True, "parser": str(p)}
+            if state["deprecated"]:
+                result = {"ok": False, "error": f"uses deprecated flags {sorted(set(state['deprecated']))}: write the "
+                                                f"current spelling (see the command's --help)"}
         except ModuleNotFoundError as e:
             result["error"] = f"ModuleNotFoundError: {e}"
             result["missing"] = (e.name or "").split(".")[0]
@@ -518,18 +544,23 @@ def optional_modules() -> set[str]:
     return {canonical(Requirement(r).name).replace("-", "_") for reqs in extras.values() for r in reqs}
 
 
-def config_argv(argv: list[str]) -> tuple[str, dict[str, str]] | None:
-    """`--config SPEC` / `--config=SPEC` and `--config.key=value` overrides of a command line."""
-    spec, overrides = None, {}
+def config_runs(argv: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """The configs a command line runs: `--config SPEC` (or `--config=SPEC`) with its `--config.key=value`
+    overrides; each `--compare` (benchmarks.train_throughput) starts a further run with the overrides after
+    it on top of the first run's."""
+    spec, runs = None, [{}]
     for i, a in enumerate(argv):
         if a == "--config" and i + 1 < len(argv):
             spec = argv[i + 1]
         elif a.startswith("--config="):
             spec = a.partition("=")[2]
+        elif a == "--compare":
+            runs.append(dict(runs[0]))
         elif a.startswith("--config."):
             key, _, value = a[len("--config."):].partition("=")
-            overrides[key] = value
-    return (spec, overrides) if spec else None
+            for run in runs[-1:] if len(runs) > 1 else runs:
+                run[key] = value
+    return [(spec, overrides) for overrides in runs] if spec else []
 
 
 # --------------------------------------------------------------------------------------------- tests
@@ -560,11 +591,7 @@ def lay_out_configs(c: Check) -> None:
 
     from maejax import config as config_lib
     from tests.test_config_presets import lay_out
-    for argv in c.configs:
-        found = config_argv(argv)
-        if found is None:
-            continue
-        spec, overrides = found
+    for spec, overrides in [run for argv in c.configs for run in config_runs(argv)]:
         config = config_lib.load(str(REPO / spec), overrides)
         mesh, cuts, _ = lay_out(config, jax.devices())
         c.done.append(f"config {spec} {overrides or ''} lays out on mesh {dict(mesh.shape)}"
@@ -599,22 +626,34 @@ def test_commands_are_found_in_every_kind_of_block():
     assert COMMAND_START.match("launch/x.sh --z") and not COMMAND_START.match("features  block")
 
 
+def test_each_compare_run_gets_the_first_runs_overrides_and_its_own():
+    argv = ["--config", "c.py:preset=x", "--config.data.batch_size=64", "--compare", "--config.model.remat=none",
+            "--config.data.batch_size=32", "--compare", "--config.model.attention=None"]
+    assert config_runs(argv) == [("c.py:preset=x", {"data.batch_size": "64"}),
+                                 ("c.py:preset=x", {"data.batch_size": "32", "model.remat": "none"}),
+                                 ("c.py:preset=x", {"data.batch_size": "64", "model.attention": "None"})]
+
+
 def test_a_command_of_no_known_kind_fails():
     c = plan(Command("x.md", 1, "make all", ""))
     assert c.error.startswith("neither run nor parsed") and not c.kind
 
 
 def test_a_flag_the_parser_does_not_have_fails():
-    """The parsers are the real ones: an unknown flag and an unknown config key are both refused."""
+    """The parsers are the real ones: an unknown flag, an unknown config key and a deprecated spelling are
+    refused."""
     results = parse_in_child([("module", "eval.map_benchmark", ["--features", "f", "--perturbation_col", "g",
                                                                  "--control", "c", "--out", "o", "--no_such_flag", "1"]),
                               ("module", "maejax.train", ["--config", "configs/mae_synthetic.py:preset=tiny",
                                                           "--workdir", "w", "--config.optim.lrr=1"]),
                               ("module", "maejax.train", ["--config", "configs/mae_synthetic.py:preset=tiny",
-                                                          "--workdir", "w"])])
+                                                          "--workdir", "w"]),
+                              ("module", "eval.job", ["--workdir", "w", "--eval", "probe_model=logistic"])])
     assert not results[0]["ok"] and "--no_such_flag" in results[0]["error"]
     assert not results[1]["ok"] and "optim.lrr" in results[1]["error"]
     assert results[2]["ok"], results[2]
+    # a spelling kept for one release (hidden from --help, or its help says deprecated) is refused too
+    assert not results[3]["ok"] and "--eval" in results[3]["error"]
 
 
 def main() -> None:
