@@ -1,5 +1,5 @@
-"""Every command in the code blocks of README.md and docs/*.md is checked, so the manuals cannot drift from the
-code: each is either run as written by CI, or parsed and checked.
+"""Every command in README.md and docs/*.md (code blocks, and `inline code` that starts like a command) is
+checked, so the manuals cannot drift from the code: each is either run as written by CI, or parsed and checked.
 
 Parsed and checked means: the command's own parser, as it is when the test runs (argparse or absl flags,
 found by running the module as `python -m` does with the parsers stopped right after parsing), accepts its
@@ -7,7 +7,8 @@ flags and values; a `--config FILE.py:ARG` with its `--config.key=value` overrid
 fake CPU devices (mesh, batch split, abstract model and optimiser state: tests/test_config_presets.py's
 lay_out); launch scripts are checked by `bash -n` and their arguments by the trainer's parser they forward
 to; pip commands by pip's parser, their files, extras and the versions the lock files pin; pytest commands by
-pytest's parser and their paths. A command of any other kind fails the test, naming it.
+pytest's parser and their paths. A command of any other kind fails the test, naming it, and so does a flag
+spelling kept for one release (hidden from --help, or whose help says it is deprecated).
 
   python -m tests.test_docs_commands        # lists every command: where, run or parsed, and what was checked
 """
@@ -52,7 +53,8 @@ class Command:
 # ---------------------------------------------------------------------------------------------- extraction
 
 def code_blocks(text: str):
-    """(first line number, language, lines) of every fenced (also indented, inside lists) and indented block."""
+    """(first line number, language, lines, (start, end) line indices with the fences) of every fenced (also
+    indented, inside lists) and indented block."""
     lines = text.split("\n")
     i, out = 0, []
     while i < len(lines):
@@ -62,7 +64,8 @@ def code_blocks(text: str):
             j = i + 1
             while j < len(lines) and not re.match(rf"^\s*{re.escape(fence[0])}{{{len(fence)},}}\s*$", lines[j]):
                 j += 1
-            out.append((i + 2, lang, [l[indent:] if l[:indent].strip() == "" else l for l in lines[i + 1:j]]))
+            out.append((i + 2, lang, [l[indent:] if l[:indent].strip() == "" else l for l in lines[i + 1:j]],
+                        (i, j + 1)))
             i = j + 1
             continue
         if lines[i].startswith("    ") and lines[i].strip() and (i == 0 or not lines[i - 1].strip()):
@@ -72,7 +75,7 @@ def code_blocks(text: str):
             block = lines[i:j]
             while block and not block[-1].strip():
                 block.pop()
-            out.append((i + 1, "", [l[4:] for l in block]))
+            out.append((i + 1, "", [l[4:] for l in block], (i, i + len(block))))
             i = j
             continue
         i += 1
@@ -100,7 +103,7 @@ def logical_lines(block: list[str], first_line: int):
 
 def extract(doc: pathlib.Path) -> list[Command]:
     commands = []
-    for first, lang, block in code_blocks(doc.read_text()):
+    for first, lang, block, _ in code_blocks(doc.read_text()):
         body = [l for l in block if l.strip() and not l.strip().startswith("#")]
         if lang in ("bash", "sh", "shell"):
             pass
@@ -117,9 +120,8 @@ def inline_commands(doc: pathlib.Path) -> list[Command]:
     """Commands in `inline code` outside the code blocks (a span may wrap lines). A bare `python -m MODULE`
     names a program: it is checked as `python -m MODULE --help` (its parser exists and prints its help)."""
     lines = doc.read_text().split("\n")
-    for first, _, block in code_blocks("\n".join(lines)):
-        for k in range(max(0, first - 2), min(len(lines), first + len(block))):   # the block and its fences
-            lines[k] = ""
+    for *_, (start, end) in code_blocks("\n".join(lines)):
+        lines[start:end] = [""] * (min(end, len(lines)) - start)
     text = "\n".join(lines)
     out = []
     for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", text):
@@ -619,7 +621,8 @@ def test_commands_are_found_in_every_kind_of_block():
           "  for i in 0 1; do\n    python -m b &\n  done; wait\n  ```\n\nSee:\n\n    launch/x.sh --z\n\n"
           "```\nfeatures  block\n```\n\n```python\nfrom a import b\n```\n")
     blocks = code_blocks(md)
-    assert [(line, lang) for line, lang, _ in blocks] == [(4, "bash"), (11, "bash"), (18, ""), (21, ""), (25, "python")]
+    assert [(line, lang) for line, lang, *_ in blocks] == [(4, "bash"), (11, "bash"), (18, ""), (21, ""), (25, "python")]
+    assert [b[3] for b in blocks] == [(2, 6), (9, 14), (17, 18), (19, 22), (23, 26)]
     assert list(logical_lines(blocks[0][2], blocks[0][0])) == [(4, "python -m a --x 1 --y 2   # comment")]
     assert tokens_of("python -m a --x 1 --y 2   # comment") == ["python", "-m", "a", "--x", "1", "--y", "2"]
     assert tokens_of("p [--blocks all|1,12] [--step N] > log 2>&1 &") == ["p", "--blocks", "all", "--step", "2"]
