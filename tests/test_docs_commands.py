@@ -277,15 +277,15 @@ def plan_script(script: str, argv: list[str], c: Check, block: str = "") -> None
     c.done.append(f"{script} passes bash -n")
     if script == str(RUN_BY_CI.relative_to(REPO)) or not argv and not block:   # named in a sentence
         return
-    subcommands = re.findall(r"^\s*([a-z]+)\)", src, re.M)
-    if subcommands:
-        if not argv or argv[0] not in subcommands:
-            c.error = f"{script}: {argv[:1]} is not one of its subcommands {subcommands}"
+    branches = dict(re.findall(r"^\s*([a-z]+)\)\n(.*?);;", src, re.M | re.S))   # `case "$1" in NAME) ... ;;`
+    if branches:
+        if not argv or argv[0] not in branches:
+            c.error = f"{script}: {argv[:1]} is not one of its subcommands {sorted(branches)}"
             return
         c.done.append(f"{script} has subcommand {argv[0]}")
-        argv = argv[1:] if argv[0] == "run" else []
-        if not argv:
-            return
+        if '"$@"' not in branches[argv[0]]:
+            return   # its own arguments (e.g. `create TYPE`), not forwarded
+        src, argv = branches[argv[0]], argv[1:]
     forward = re.search(r"-m ([\w.]+) (?:\"\$@\"|\$\(printf '%q ' \"\$@\"\))", src)
     if not forward:
         if argv:
