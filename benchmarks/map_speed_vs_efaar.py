@@ -1,7 +1,7 @@
 """Whole-process speed and memory of `eval.map_benchmark` against EFAAR 1.0's functions, one parquet.
 
   python -m benchmarks.map_speed_vs_efaar                    # 10,000 genes: 162,000 rows x 1,664 features
-  python -m benchmarks.map_speed_vs_efaar --perturbations 1000 --features 256 --runs 1   # quick check
+  python -m benchmarks.map_speed_vs_efaar --perturbations 1000 --num_features 256 --runs 1   # quick check
 
 The parquet (written once, reused while its parameters match) is peer_baselines.md section 1's screen:
 N real gene symbols (a random subset of the union of the five EFAAR tables, so recall has queries)
@@ -9,9 +9,9 @@ x 4 replicate wells in each of 4 batches + 500 `non-targeting` controls per batc
 `feature_*` columns (a rank-64 gene effect, per-batch gain and offset, uniform noise) and `gene`, `batch`.
 
 Each round runs, as separate processes one after the other (alternating, so a busy machine hits both):
-  ours   python -m eval.map_benchmark --features F --perturbation_col gene --batch_col batch
+  ours   python -m eval.map_benchmark --embeddings F --perturbation_col gene --batch_col batch
          --control non-targeting --pca_components 128 --correction tvn --aggregate mean
-         --annotations A --no_mean_average_precision --out report.json
+         --annotations A --no_mean_average_precision --out DIR      (writes DIR/report.json)
          (recall on the five tables plus the replicate consistency it always reports; the copairs mAP is a
          newer addition to the report, not part of EFAAR's pipeline, so it is left out here)
   efaar  this file's `_efaar_child`: pandas.read_parquet, then efaar_benchmarking 1.0 unmodified:
@@ -137,7 +137,8 @@ def measure(cmd: list[str], log: Path) -> dict:
 
 
 def ours_cmd(features: Path, annotations: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "eval.map_benchmark", "--features", str(features), "--perturbation_col", "gene",
+    """eval.map_benchmark, writing out/report.json."""
+    return [sys.executable, "-m", "eval.map_benchmark", "--embeddings", str(features), "--perturbation_col", "gene",
             "--batch_col", "batch", "--control", CONTROL, "--annotations", str(annotations), "--out", str(out),
             "--pca_components", "128", "--correction", "tvn", "--aggregate", "mean",
             "--thresholds", *[f"{lo},{hi}" for lo, hi in THRESHOLDS], "--sources", *SOURCES,
@@ -145,8 +146,10 @@ def ours_cmd(features: Path, annotations: Path, out: Path) -> list[str]:
 
 
 def efaar_cmd(features: Path, annotations: Path, out: Path, pca_solver: str = "auto") -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "--efaar_child", str(features), str(annotations), str(out),
-            pca_solver]
+    """EFAAR 1.0's functions (_efaar_child), writing out/report.json."""
+    from eval.map_benchmark import REPORT
+    return [sys.executable, str(Path(__file__).resolve()), "--efaar_child", str(features), str(annotations),
+            str(out / REPORT), pca_solver]
 
 
 def compare_recall(ours: list[dict], theirs: list[dict]) -> tuple[float, list[str]]:
@@ -168,45 +171,50 @@ def compare_recall(ours: list[dict], theirs: list[dict]) -> tuple[float, list[st
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from eval.map_benchmark import REPORT
+    from maejax import flags
+    p = flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--perturbations", type=int, default=10000)
-    p.add_argument("--features", type=int, default=1664)
+    p.add_argument("--num_features", type=int, default=1664, deprecated="--features")
     p.add_argument("--runs", type=int, default=3, help="alternating rounds (ours, EFAAR)")
     p.add_argument("--only", choices=("both", "ours", "efaar"), default="both")
     p.add_argument("--annotations", default=str(DEFAULT_ANNOTATIONS))
-    p.add_argument("--workdir", default="/tmp/map_speed_vs_efaar", help="parquet, reports and logs")
+    p.add_argument("--out", default="/tmp/map_speed_vs_efaar", metavar="DIR",
+                   help="the parquet (reused while its parameters match), each run's report and log",
+                   deprecated="--workdir")
     p.add_argument("--exact_check", action="store_true",
                    help="also run EFAAR once (not timed) with sklearn's exact PCA solver (covariance_eigh) and "
                         "compare its recall with ours: EFAAR's PCA(128) picks sklearn's randomized solver for more "
                         "than 1,000 features, so its timed runs give a slightly different, seed-dependent map")
     p.add_argument("--json", default=None, help="also write every figure here")
     args = p.parse_args(argv)
-    annotations, work = Path(args.annotations), Path(args.workdir)
+    annotations, work = Path(args.annotations), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    features = work / f"screen_{args.perturbations}x{args.features}.parquet"
+    features = work / f"screen_{args.perturbations}x{args.num_features}.parquet"
     t = time.perf_counter()
-    params = write_screen(features, args.perturbations, args.features, annotations)
+    params = write_screen(features, args.perturbations, args.num_features, annotations)
     rows = params["perturbations"] * params["replicates"] * params["batches"] + \
         params["controls_per_batch"] * params["batches"]
-    matrix_gib = rows * args.features * 4 / 2**30
+    matrix_gib = rows * args.num_features * 4 / 2**30
     print(f"screen {features} ({features.stat().st_size / 2**30:.2f} GiB, ready in {time.perf_counter() - t:.1f} s): "
-          f"{rows:,} rows x {args.features} float32 features = {matrix_gib:.2f} GiB "
-          f"({rows * args.features * 4 / 1e9:.2f} GB) feature matrix")
+          f"{rows:,} rows x {args.num_features} float32 features = {matrix_gib:.2f} GiB "
+          f"({rows * args.num_features * 4 / 1e9:.2f} GB) feature matrix")
     print("ours: eval.map_benchmark, PCA 128, TVN, mean, recall on the five tables + replicate consistency; "
           "copairs mAP off (--no_mean_average_precision: not part of this case)")
     kinds = ["ours", "efaar"] if args.only == "both" else [args.only]
     runs = {k: [] for k in kinds}
     for i in range(args.runs):
         for kind in kinds if i % 2 == 0 else kinds[::-1]:
-            out = work / f"{kind}_{i}.json"
+            out = work / f"{kind}_{i}"
+            out.mkdir(exist_ok=True)
             cmd = (ours_cmd if kind == "ours" else efaar_cmd)(features, annotations, out)
             r = measure(cmd, work / f"{kind}_{i}.log")
-            r["report"] = json.loads(out.read_text())
+            r["report"] = json.loads((out / REPORT).read_text())
             runs[kind].append(r)
             print(f"round {i + 1} {kind:5s}: {r['wall_s']:6.2f} s wall, {r['cpu_s']:6.1f} s CPU, "
                   f"peak RSS {r['peak_rss_gib']:.2f} GiB ({r['peak_rss_gib'] / matrix_gib:.2f}x the matrix), "
                   f"load average {r['load_before']:.2f} -> {r['load_after']:.2f}", flush=True)
-    summary = {"rows": rows, "features": args.features, "matrix_gib": matrix_gib, "load_avg_end": os.getloadavg()}
+    summary = {"rows": rows, "features": args.num_features, "matrix_gib": matrix_gib, "load_avg_end": os.getloadavg()}
     for kind, rs in runs.items():
         walls = [r["wall_s"] for r in rs]
         summary[kind] = {"wall_s": walls, "median_s": statistics.median(walls),
@@ -228,13 +236,14 @@ def main(argv=None) -> int:
             print("  ours ", json.dumps(rec))
         for rec in runs["efaar"][0]["report"]["recall"]:
             print("  efaar", json.dumps(rec))
-        if args.features > 1000:
+        if args.num_features > 1000:
             print("  (EFAAR's PCA(128) uses sklearn's randomized solver above 1,000 features, unseeded, so its map "
                   "differs slightly from the exact one; --exact_check compares against its exact solver)")
     if args.exact_check and "ours" in runs:
-        out = work / "efaar_exact.json"
+        out = work / "efaar_exact"
+        out.mkdir(exist_ok=True)
         r = measure(efaar_cmd(features, annotations, out, "covariance_eigh"), work / "efaar_exact.log")
-        exact = json.loads(out.read_text())["recall"]
+        exact = json.loads((out / REPORT).read_text())["recall"]
         ours = runs["ours"][0]["report"]["recall"]
         worst, problems = compare_recall(ours, exact)
         queries = min(rec["query_distribution_size"] for rec in ours)

@@ -1,13 +1,13 @@
 """Benchmark any embeddings as an EFAAR map: PCA -> batch correction -> aggregate -> recall.
 
-  python -m eval.map_benchmark --features F.parquet --perturbation_col gene --batch_col batch \\
+  python -m eval.map_benchmark --embeddings F.parquet --perturbation_col gene --batch_col batch \\
       --control non-targeting --pca_components 128 --correction tvn --aggregate mean \\
-      --annotations ../shared/reference/efaar_annotations --out report.json [--plot recall.png]
+      --annotations ../shared/reference/efaar_annotations --out DIR [--plot recall.png]
 
 Feature columns are those named `feature_*` (the RxRx3-core embedding format); the other columns
 are metadata. Metadata may come from a separate table (`--metadata`, joined on `--join_on`), rows
 may be averaged per well first (`--average_by`) and filtered (`--where col=value`), which is what
-OpenPhenom's RxRx3-core parquet needs. report.json holds the `recall` records (EFAAR's
+OpenPhenom's RxRx3-core parquet needs. `<out>/report.json` holds the `recall` records (EFAAR's
 known_relationship_benchmark columns), the replicate `consistency` summary, and what was run.
 `evaluate_map` is the same benchmark as a function over arrays (e.g. for every block of a model).
 
@@ -33,8 +33,10 @@ import pandas as pd
 
 from eval import consistency, efaar, recall
 from eval.annotations import find_annotations
+from maejax import flags
 
 FEATURE_PREFIX = "feature_"
+REPORT = "report.json"   # the file written into --out
 READ_BYTES = 16 << 20  # features decoded per pyarrow call: the reader's memory on top of the matrix
 
 
@@ -318,27 +320,29 @@ def _check_replicates(meta: pd.DataFrame, perts: np.ndarray, replicates: np.ndar
     hint = (f"columns that vary within a perturbation here: {usable}" if usable
             else "add a column that does (e.g. plate, or a row id to treat every row as a replicate)")
     flag = "--replicate_col" if args.replicate_col else "--replicate_col (default: --batch_col)"
-    raise ValueError(f"{args.features}: replicate consistency compares each perturbation's profiles across "
+    raise ValueError(f"{args.embeddings}: replicate consistency compares each perturbation's profiles across "
                      f"values of {flag} {column!r}, but every perturbation has one value there ({len(values)} in "
                      f"the data: {values[:5].tolist()}), although perturbations have up to {rows} rows; pass "
                      f"--replicate_col COLUMN; {hint}")
 
 
 def run(args: argparse.Namespace) -> dict:
-    """The whole CLI benchmark; returns the report (also written to args.out)."""
+    """The whole CLI benchmark; returns the report, also written to `<args.out>/report.json` (args.out becomes
+    that file's path)."""
+    args.out = str(flags.output_file(args.out, REPORT))
     t = time.perf_counter()
-    features, meta, _ = load_embeddings(args.features, args.metadata, args.join_on, args.where,
+    features, meta, _ = load_embeddings(args.embeddings, args.metadata, args.join_on, args.where,
                                         args.average_by, args.dtype)
-    perts = _check_column(meta, args.perturbation_col, "--perturbation_col", args.features).astype(str)
-    batches = _check_column(meta, args.batch_col, "--batch_col", args.features)
-    pca_batches = (_check_column(meta, args.pca_batch_col, "--pca_batch_col", args.features)
+    perts = _check_column(meta, args.perturbation_col, "--perturbation_col", args.embeddings).astype(str)
+    batches = _check_column(meta, args.batch_col, "--batch_col", args.embeddings)
+    pca_batches = (_check_column(meta, args.pca_batch_col, "--pca_batch_col", args.embeddings)
                    if args.pca_batch_col else None)
     if not (perts == args.control).any():
         examples = pd.unique(perts)[:10].tolist()
-        raise ValueError(f"{args.features}: control {args.control!r} does not occur in column "
+        raise ValueError(f"{args.embeddings}: control {args.control!r} does not occur in column "
                          f"{args.perturbation_col!r} (values include {examples})")
     replicate_col = args.replicate_col or args.batch_col
-    replicates = _check_column(meta, replicate_col, "--replicate_col", args.features)
+    replicates = _check_column(meta, replicate_col, "--replicate_col", args.embeddings)
     _check_replicates(meta, perts, replicates, [args.control, *args.drop], replicate_col, args)
     thresholds = _parse_thresholds(args.thresholds)
     load_s = time.perf_counter() - t
@@ -366,7 +370,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.plot:
         from eval import plots   # matplotlib: imported only when a plot is asked for
         plots.plot_similarity_distribution(sims, args.plot, thresholds[:1],
-                                           title=os.path.basename(args.features))
+                                           title=os.path.basename(args.embeddings))
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     return report
@@ -382,9 +386,10 @@ def parser() -> argparse.ArgumentParser:
     # Defaults shared with eval.job: maejax.config.base().eval (EFAAR's PCA 128, TVN, two threshold pairs).
     from maejax.config import base
     defaults = base().eval
-    p = argparse.ArgumentParser(prog="python -m eval.map_benchmark", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--features", required=True, help="parquet/CSV with feature_* columns")
+    p = flags.ArgumentParser(prog="python -m eval.map_benchmark", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--embeddings", required=True, metavar="FILE", help="parquet/CSV with feature_* columns",
+                   deprecated="--features")
     p.add_argument("--perturbation_col", required=True)
     p.add_argument("--batch_col", default=defaults.batch_col,
                    help=f"batch for the correction (and PCA scaling); default {defaults.batch_col}")
@@ -397,7 +402,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", default=defaults.annotations,
                    help="folder of <Source>.txt relationship tables (default: the EFAAR 1.0 tables of the "
                         "installed efaar_benchmarking package)")
-    p.add_argument("--out", required=True, help="report.json path")
+    p.add_argument("--out", required=True, metavar="DIR", help=f"output directory: writes DIR/{REPORT}")
     p.add_argument("--thresholds", nargs="+", default=[f"{lo},{hi}" for lo, hi in defaults.thresholds],
                    metavar="LO,HI")
     p.add_argument("--sources", nargs="+", default=None, help="default: every table in --annotations")
@@ -411,7 +416,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--negative_controls", default=None,
                    help="comma list or file of perturbations forming the consistency null "
                         "(default: random groups of rows)")
-    p.add_argument("--metadata", default=None, help="table joined to --features on --join_on")
+    p.add_argument("--metadata", default=None, help="table joined to --embeddings on --join_on")
     p.add_argument("--join_on", default="well_id")
     p.add_argument("--where", nargs="+", default=[], metavar="COL=VALUE", help="keep matching rows")
     p.add_argument("--average_by", default=None, help="average rows per value of this column first")

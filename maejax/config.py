@@ -13,10 +13,11 @@ import ast
 import difflib
 import importlib.util
 import os
-import sys
 from typing import Any, Sequence
 
 import ml_collections
+
+from maejax.flags import deprecated_flag  # noqa: F401  (the one deprecation notice; commands call it from here)
 
 # Logical axis -> mesh axes (MaxText's rules table): parameter, activation and input shardings follow from
 # it (maejax/sharding.py). Defaults: FSDP over the model width of every large weight, tensor parallelism
@@ -284,11 +285,6 @@ def parse_override_flags(argv: Sequence[str], *, only: str = "") -> tuple[list[s
             raise SystemExit(f"{arg}: {e}") from None
         out[key] = value
     return rest, out
-
-
-def deprecated_flag(old: str, new: str) -> None:
-    """Says on stderr that a flag kept for one release is deprecated, and what replaces it."""
-    print(f"{old} is deprecated and will be removed in the next release; use {new}", file=sys.stderr, flush=True)
 
 
 def check_known(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None,

@@ -56,10 +56,10 @@ def screen(tmp_path_factory):
 
 
 def run_benchmark(root: Path, tmp_path: Path, annotations, *extra, features="screen.parquet"):
-    out = tmp_path / "report.json"
-    code = map_benchmark.main(["--features", str(root / features), "--perturbation_col", "gene", "--batch_col",
+    out = tmp_path / "map" / "report.json"
+    code = map_benchmark.main(["--embeddings", str(root / features), "--perturbation_col", "gene", "--batch_col",
                                "batch", "--control", "ctrl", "--pca_components", "4", "--annotations",
-                               str(annotations), "--out", str(out), *extra])
+                               str(annotations), "--out", str(out.parent), *extra])
     return code, out
 
 

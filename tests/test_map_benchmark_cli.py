@@ -10,10 +10,10 @@ from tests.reference_data import ANNOTATIONS, GOLDEN, require
 
 
 def _run(tmp_path, features, annotations, *extra, perturbation_col="gene", control="non-targeting"):
-    out = tmp_path / "report.json"
-    code = map_benchmark.main(["--features", str(features), "--perturbation_col", perturbation_col,
+    out = tmp_path / "map" / "report.json"
+    code = map_benchmark.main(["--embeddings", str(features), "--perturbation_col", perturbation_col,
                                "--batch_col", "batch", "--control", control, "--annotations",
-                               str(annotations), "--out", str(out), *extra])
+                               str(annotations), "--out", str(out.parent), *extra])
     return code, (json.loads(out.read_text()) if code == 0 else None)
 
 

@@ -259,7 +259,7 @@ def test_shared_map_defaults():
     e = config_lib.base().eval
     assert (e.pca_components, e.correction, e.thresholds, e.control, e.batch_col, e.annotations) == \
         (128, "tvn", [[0.05, 0.95], [0.1, 0.9]], "", "experiment", "")
-    args = map_benchmark.parser().parse_args(["--features", "f", "--perturbation_col", "g", "--control", "c",
+    args = map_benchmark.parser().parse_args(["--embeddings", "f", "--perturbation_col", "g", "--control", "c",
                                               "--out", "o"])
     assert (args.pca_components, args.correction, args.thresholds, args.batch_col, args.pca_batch_col) == \
         (128, "tvn", ["0.05,0.95", "0.1,0.9"], "experiment", None)
@@ -367,10 +367,10 @@ def test_embeddings_parquet_gives_map_benchmark_the_same_recall(rxrx3_run, tmp_p
     blocks = json.loads((tmp_path / "job" / "report.json").read_text())["blocks"]
     assert embed_job.main([f"--workdir={workdir}", f"--dataset={dataset}", f"--out={tmp_path / 'emb'}"]) == 0
     for k, row in enumerate(blocks, start=1):
-        out = tmp_path / f"map_{k}.json"
+        out = tmp_path / f"map_{k}" / "report.json"
         assert map_benchmark.main([
-            "--features", str(tmp_path / "emb" / "wells" / f"block_{k:02d}.parquet"),
-            "--perturbation_col", "perturbation", "--control", "EMPTY_control", "--out", str(out),
+            "--embeddings", str(tmp_path / "emb" / "wells" / f"block_{k:02d}.parquet"),
+            "--perturbation_col", "perturbation", "--control", "EMPTY_control", "--out", str(out.parent),
             "--correction", "none", "--no_mean_average_precision"]) == 0
         ours = {(r["source"], t): r[t] for r in json.loads(out.read_text())["recall"] for t in RECALL_KEYS}
         theirs = {(r["source"], t): r[t] for r in row["recall"] for t in RECALL_KEYS}
