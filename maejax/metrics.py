@@ -157,8 +157,3 @@ def _unique_suffix(logdir: str) -> str:
     while (prefix + (f".{n}" if n else "")) in names:
         n += 1
     return f".{n}" if n else ""
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -30,9 +30,9 @@ import pytest
 
 from maejax import resume, state as state_lib, step as step_lib, train as train_lib
 from maejax.checkpoint import CheckpointMismatchError, Checkpoints
-from maejax.metrics import read_jsonl, truncate_jsonl
+from maejax.metrics import truncate_jsonl
 from maejax.train import ConfigChangeError, NonFiniteError, train
-from tests.tiny_training import steps_saved, tiny_config, write_tiny_dataset
+from tests.tiny_training import jsonl_rows, steps_saved, tiny_config, write_tiny_dataset
 
 RUN = {"total_steps": 6, "ckpt_every": 2, "optim.lr": 1e30, "data.streams": 1}
 
@@ -173,7 +173,7 @@ def test_accepting_a_change_resumes_and_keeps_both_configs(nan_run, tmp_path, mo
     assert meta["config"]["optim"]["lr"] == 1e-3
     assert meta["config_history"] == [{"step": 2, "changes": {"optim.lr": [1e30, 1e-3], "total_steps": [6, 8]},
                                        "accepted_with_flag": ["optim.lr", "total_steps"]}]
-    assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in jsonl_rows(workdir / "metrics.jsonl")] == [1, 2, 3, 4]
     # The next resume compares with the checkpoint of step 4, written with the accepted config.
     assert train(new, str(workdir), stop_after=4) == {}
 
@@ -187,7 +187,7 @@ def test_accepting_new_data_settings_starts_the_input_streams_afresh(nan_run, tm
     train(config(nan_run, **{"data.dir": str(other), "data.streams": 2}), str(workdir), stop_after=4,
           accept_config_change=True)
     assert "at step 2 (input streams start afresh: the data settings changed)" in capsys.readouterr().out
-    assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in jsonl_rows(workdir / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_resume_safe_changes_pass_and_are_recorded(nan_run, tmp_path, capsys):
@@ -301,7 +301,7 @@ def test_a_nan_stop_names_the_last_good_checkpoint(nan_run):
     assert f"the last good checkpoint is step 2 in {workdir / 'checkpoints'}: resume from it with a lower " \
            f"optim.lr (now 1e+30)" in msg
     assert steps_saved(workdir) == [2]
-    assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in jsonl_rows(workdir / "metrics.jsonl")] == [1, 2]
 
 
 def test_a_nan_stop_before_any_checkpoint_says_there_is_none(nan_run, tmp_path, monkeypatch, capsys):
@@ -346,14 +346,14 @@ def test_a_killed_run_resumed_logs_each_step_once(nan_run, tmp_path, monkeypatch
     with open(workdir / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')
     train(config(nan_run), str(workdir), stop_after=4)    # resumed from step 2: steps 3 and 4 run again
-    rows = read_jsonl(workdir / "metrics.jsonl")
+    rows = jsonl_rows(workdir / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] == pytest.approx(1 / 4)
     # TensorBoard: the resumed run's event file starts by purging the steps after its checkpoint.
     newest = max(glob.glob(f"{workdir}/tensorboard/events.*"), key=os.path.getmtime)
     assert [e for e in tb_events(newest) if e[1] in ("START", "loss")] == [(3, "START"), (3, "loss"), (4, "loss")]
     # A second resume from the checkpoint of step 4 drops nothing: each step is there once.
     train(config(nan_run), str(workdir), stop_after=4)
-    assert [r["step"] for r in read_jsonl(workdir / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in jsonl_rows(workdir / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 def test_truncate_jsonl_keeps_one_row_per_step_up_to_the_step(tmp_path):
@@ -361,7 +361,7 @@ def test_truncate_jsonl_keeps_one_row_per_step_up_to_the_step(tmp_path):
     rows = [(1, "a"), (2, "a"), (3, "a"), (2, "b"), (3, "b")]   # run b resumed from step 1 before this fix
     path.write_text("".join(json.dumps({"step": s, "run": r}) + "\n" for s, r in rows) + '{"step": 4')
     assert truncate_jsonl(str(path), 2) == 4
-    assert [(r["step"], r["run"]) for r in read_jsonl(str(path))] == [(1, "a"), (2, "b")]   # the last row wins
+    assert [(r["step"], r["run"]) for r in jsonl_rows(str(path))] == [(1, "a"), (2, "b")]   # the last row wins
     assert truncate_jsonl(str(path), 2) == 0
     assert truncate_jsonl(str(tmp_path / "missing.jsonl"), 2) == 0
 

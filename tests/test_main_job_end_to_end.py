@@ -10,6 +10,7 @@ import pytest
 
 from launch import demo
 from maejax.checkpoint import Checkpoints
+from tests.tiny_training import jsonl_rows
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,7 @@ def test_training_left_its_checkpoint_and_metrics(main_job):
         assert ckpts.latest_step() == 6                      # the tiny preset's total_steps
     finally:
         ckpts.close()
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    losses = [r["loss"] for r in jsonl_rows(workdir / "metrics.jsonl") if "loss" in r]
     assert losses and all(math.isfinite(v) for v in losses)
     table = (workdir / "parameters.txt").read_text()             # clu's parameter overview
     assert "encoder/" in table and "decoder/" in table and "Total:" in table

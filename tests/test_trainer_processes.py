@@ -10,7 +10,6 @@ data 2 x fsdp 2 x tensor 2, 2 input streams) against one uninterrupted reference
 
 The runs share a persistent compilation cache, so only the first run of each program pays the compile.
 """
-import json
 import os
 import shutil
 import signal
@@ -65,7 +64,7 @@ def test_uninterrupted_run_reports_and_keeps_the_last_three_checkpoints(setup, r
     assert tt.steps_saved(workdir) == [6, 8, 10]   # saved every 2 steps, the last 3 kept
     log = open(f"{workdir}.log").read()
     assert log.index("per-device memory: peak") < log.index("step 1/")   # memory analysis before step 1
-    row = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    row = tt.jsonl_rows(workdir / "metrics.jsonl")[-1]
     assert {"loss", "lr", "grad_norm", "step_time_s", "examples_per_s", "tflops_per_device"} <= set(row)
     assert "mfu" not in row   # a CPU has no peak in maejax.mfu
 
@@ -97,8 +96,7 @@ def test_sigkill_mid_run_then_resume_reproduces_the_losses(setup, reference):
     after = tt.losses(workdir)
     assert_same_losses(after, reference)
     # Each step once in metrics.jsonl: the rows of the steps after the checkpoint of step 6 were dropped.
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in tt.jsonl_rows(workdir / "metrics.jsonl")] == list(range(1, STEPS + 1))
     # Steps done before the kill and again after the resume (same data, same masks) agree.
     assert_same_losses({s: after[s] for s in before_kill}, before_kill)
 

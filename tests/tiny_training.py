@@ -59,13 +59,15 @@ def start(workdir, overrides: dict, *, devices: int = 8, log=None, **env) -> sub
                             stdout=log, stderr=subprocess.STDOUT)
 
 
+def jsonl_rows(path) -> list[dict]:
+    """The rows of a JSON-lines file such as <workdir>/metrics.jsonl (blank lines skipped)."""
+    return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line.strip()]
+
+
 def losses(workdir) -> dict[int, float]:
     """step -> loss from <workdir>/metrics.jsonl (the last row wins when a resumed run repeats a step)."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in jsonl_rows(path)} if path.exists() else {}
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str, log=None) -> None:
