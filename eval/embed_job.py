@@ -89,14 +89,13 @@ class Plan:
 
 def checkpoint_dir(workdir: str) -> str:
     """The checkpoints of a run directory, or the directory itself when it holds them (a converted run)."""
-    from maejax.checkpoint import run_checkpoint_dir
+    from maejax.checkpoint import NoCheckpointError, run_checkpoint_dir
     ckpt = run_checkpoint_dir(workdir)
     if "://" in ckpt or os.path.isdir(ckpt):
         return ckpt
     if os.path.isdir(workdir) and any(n.isdigit() for n in os.listdir(workdir)):
         return workdir
-    raise FileNotFoundError(f"{workdir}: no checkpoint directory {ckpt}, and no checkpoint steps in {workdir} "
-                            f"(train first: python -m maejax.train ..., or convert: python -m maejax.convert ...)")
+    raise NoCheckpointError(f"{ckpt} or {workdir}")
 
 
 def checkpoint_config(ckpt_dir: str, step: int | None = None):
@@ -105,9 +104,7 @@ def checkpoint_config(ckpt_dir: str, step: int | None = None):
     from maejax.config import complete
     ckpts = Checkpoints(ckpt_dir)
     try:
-        step = ckpts.latest_step() if step is None else int(step)
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+        step = ckpts.step(step)
         return step, complete(ckpts.meta(step)["config"])
     finally:
         ckpts.close()

@@ -44,7 +44,7 @@ from eval import screen
 from eval.annotations import find_annotations
 from eval.embed import Embedder
 from maejax import config as config_lib, sharding as shd, state as state_lib
-from maejax.checkpoint import CheckpointMismatchError, Checkpoints, run_checkpoint_dir
+from maejax.checkpoint import CheckpointMismatchError, Checkpoints, NoCheckpointError, run_checkpoint_dir
 from maejax.input_pipeline import iterate_records
 
 FEATURES = ("mae", "random_init", "handcrafted", "handcrafted_fast", "oracle")
@@ -84,9 +84,7 @@ def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: i
         raise ValueError(f"features={kind!r}: choose one of {FEATURES}")
     ckpt_dir = run_checkpoint_dir(workdir)
     ckpts = Checkpoints(ckpt_dir)
-    step = ckpts.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
+    step = ckpts.step()
     config = config_lib.complete(ckpts.meta(step)["config"])
     ckpts.close()
     dataset_dir = dataset_dir or config.data.dir
@@ -315,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     ckpt_dir = run_checkpoint_dir(a.workdir)
     if "://" not in ckpt_dir and not os.path.isdir(ckpt_dir):
-        raise SystemExit(f"{a.workdir}: no checkpoint directory {ckpt_dir} (train first: python -m maejax.train ...)")
+        raise SystemExit(f"NoCheckpointError: {NoCheckpointError(ckpt_dir)}")
     if a.eval:
         config_lib.deprecated_flag("--eval KEY=VALUE", "--config.eval.KEY=VALUE")
         eval_overrides = {**config_lib.parse_override_flags([f"--config.eval.{kv}" for kv in a.eval])[1],
@@ -328,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         report = evaluate(a.features, a.workdir, dataset_dir=a.dataset, out_dir=a.out, batch_size=a.batch_size,
                           overrides=overrides)
-    except (CheckpointMismatchError, AnnotationError, EvalSetupError) as e:   # one line, no tree diff or traceback
+    except (CheckpointMismatchError, NoCheckpointError, AnnotationError, EvalSetupError) as e:   # one line
         print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     print(summary(report))

@@ -23,6 +23,14 @@ from maejax.streams import StreamedBatches, StreamStateHandler, StreamStateResto
 ITEMS = ("model", "optimizer", "data_iter", "meta")
 
 
+class NoCheckpointError(FileNotFoundError):
+    """A run or checkpoint directory that holds no checkpoint to restore or evaluate."""
+
+    def __init__(self, where: str):
+        super().__init__(f"no checkpoint in {where} (train first: python -m maejax.train ..., or convert one: "
+                         f"python -m maejax.convert ...)")
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint's arrays do not fit the state they are restored into (another architecture or
     optimiser): the one-line message names the checkpoint, the step and the first differing array."""
@@ -67,6 +75,13 @@ class Checkpoints:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def step(self, step: int | None = None) -> int:
+        """`step`, or the latest when None; NoCheckpointError when the directory holds none."""
+        step = self.latest_step() if step is None else int(step)
+        if step is None:
+            raise NoCheckpointError(self.directory)
+        return step
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -117,10 +132,7 @@ class Checkpoints:
                 + (f"; {advice}" if advice else ""))
 
     def meta(self, step: int | None = None) -> dict[str, Any]:
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self.manager.restore(self.step(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

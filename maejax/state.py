@@ -4,7 +4,6 @@ materialises every parameter directly in its shard (nothing is built on the host
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable
 
 import jax
@@ -87,9 +86,7 @@ def load_model(checkpoint_dir: str, *, step: int | None = None, mesh: Mesh | Non
     """
     ckpts = Checkpoints(checkpoint_dir)
     try:
-        step = ckpts.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint found in {os.path.abspath(checkpoint_dir)}")
+        step = ckpts.step(step)
         config = complete(ckpts.meta(step)["config"])
         rules = rules if rules is not None else shd.rules_from_config(config.sharding_rules)
         mesh = mesh if mesh is not None else shd.batch_mesh(rules)

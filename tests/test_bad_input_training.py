@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from maejax import resume, state as state_lib, step as step_lib, train as train_lib
-from maejax.checkpoint import CheckpointMismatchError, Checkpoints
+from maejax.checkpoint import CheckpointMismatchError, Checkpoints, NoCheckpointError
 from maejax.metrics import truncate_jsonl
 from maejax.train import ConfigChangeError, NonFiniteError, train
 from tests.tiny_training import jsonl_rows, steps_saved, tiny_config, write_tiny_dataset
@@ -288,6 +288,30 @@ def test_load_model_names_the_first_differing_parameter_of_the_same_kind(nan_run
                        r"encoder/transformer/blocks/attn/out is \(2, 2, 32, 64\) in the checkpoint but "
                        r"\(1, 2, 32, 64\) here"):
         load_model(str(workdir / "checkpoints"))
+
+
+def test_a_run_without_a_checkpoint_is_one_error_naming_where_it_looked(tmp_path, monkeypatch, capsys):
+    """A run stopped before its first save, or a workdir without checkpoints: eval.job, the embedding job and
+    load_model all raise NoCheckpointError with the one message, naming the directory."""
+    from eval import embed_job, job
+    from maejax.state import load_model
+    workdir = tmp_path / "run"
+    ckpt_dir = workdir / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    message = (f"no checkpoint in {ckpt_dir} (train first: python -m maejax.train ..., or convert one: "
+               f"python -m maejax.convert ...)")
+    for load in (load_model, embed_job.checkpoint_config):
+        with pytest.raises(NoCheckpointError) as error:
+            load(str(ckpt_dir))
+        assert str(error.value) == message
+    monkeypatch.setattr(sys, "argv", ["eval.job", f"--workdir={workdir}"])
+    assert exits_with_one_line(job.main, capsys) == f"NoCheckpointError: {message}"
+    ckpt_dir.rmdir()
+    with pytest.raises(SystemExit, match=re.escape(f"NoCheckpointError: {message}")):
+        job.main()
+    with pytest.raises(NoCheckpointError, match=re.escape(f"no checkpoint in {ckpt_dir} or {workdir} (train")):
+        embed_job.checkpoint_dir(str(workdir))
+    assert not (workdir / "eval").exists()
 
 
 # --------------------------------------------------------------------------------------------------------
