@@ -1,6 +1,6 @@
 """The crop builder as an Apache Beam pipeline, for screens of tens of millions of images.
 
-    python -m data.beam_pipeline rxrx1 --source-dir /data/rxrx1 --out /data/crops/rxrx1 \\
+    python -m data.beam_pipeline rxrx1 --source_dir /data/rxrx1 --out /data/crops/rxrx1 \\
         --runner DirectRunner --direct_num_workers 2 --direct_running_mode multi_processing
 
 The first argument names the source (rxrx1, rxrx3_core, jump_cp, generic); the source's and the

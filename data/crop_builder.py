@@ -266,7 +266,7 @@ def probe_format(sites: Sequence[Site], source: Source, options: BuildOptions) -
             size = source.image_size or images[0].shape
             if tuple(size) != images[0].shape:
                 raise BuildError(f"{site.channels[0].where()} is {images[0].shape[0]}x{images[0].shape[1]}, the "
-                                 f"{source.kind} layout's sites are {size[0]}x{size[1]}; pass --image-size "
+                                 f"{source.kind} layout's sites are {size[0]}x{size[1]}; pass --image_size "
                                  f"{images[0].shape[0]}x{images[0].shape[1]} if that is right for all")
         else:
             size = options.image_size
@@ -447,7 +447,7 @@ def failure_summary(bad: list[dict], listing: Path | str, failed_shards: int, nu
         lines.append(f"  ... and {len(files) - SUMMARY_LINES} more")
     lines.append(f"All are listed in {listing}. The {failed_shards} shards holding them were not "
                  f"kept; the other {num_shards - failed_shards} are finished and will not be rebuilt.")
-    lines.append("Fix the files and re-run the same command, or re-run it with --skip-bad-sites to leave these "
+    lines.append("Fix the files and re-run the same command, or re-run it with --skip_bad_sites to leave these "
                  "sites out (they are then listed in the manifest's skipped_sites).")
     return "\n".join(lines)
 

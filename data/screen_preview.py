@@ -5,7 +5,7 @@ grey, all with the raw uint8 values, so batch effects (gain, background, vignett
 The rows are chosen to compare: a control and a same-complex gene pair and a null gene in one
 experiment, then a control of each other experiment.
 
-    python -m data.screen_preview DATASET_DIR [--out preview.png]
+    python -m data.screen_preview --dataset DIR [--out DIR]      (writes <out>/preview.png; default out: the dataset)
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from maejax import flags
 from maejax.input_pipeline import Dataset, open_dataset
 
 # rxrx1-utils' colours for the matching RxRx1 stains, in our stain order: DNA (Hoechst), ER (ConA),
@@ -84,11 +85,17 @@ def write_preview(dataset_dir: str | Path, out_path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Preview PNG of a tiled screen dataset.")
-    parser.add_argument("dataset_dir")
-    parser.add_argument("--out", default=None, help="PNG path (default <dataset_dir>/preview.png)")
+    parser = flags.ArgumentParser(description="Preview PNG of a tiled screen dataset.")
+    parser.add_argument("--dataset", metavar="DIR", help="dataset directory")
+    parser.add_argument("dataset_dir", nargs="?", help=argparse.SUPPRESS)   # deprecated: --dataset DIR
+    parser.add_argument("--out", default=None, metavar="DIR", help="writes DIR/preview.png (default: the dataset's)")
     args = parser.parse_args(argv)
-    print(write_preview(args.dataset_dir, args.out or Path(args.dataset_dir) / "preview.png"))
+    if args.dataset_dir:
+        flags.deprecated_flag("the dataset as a positional argument", "--dataset DIR")
+    dataset = args.dataset or args.dataset_dir
+    if not dataset or (args.dataset and args.dataset_dir):
+        parser.error("give the dataset directory once: --dataset DIR")
+    print(write_preview(dataset, flags.output_file(args.out or dataset, "preview.png")))
 
 
 if __name__ == "__main__":

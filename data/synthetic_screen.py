@@ -26,7 +26,6 @@ well's true (noise-free) phenotype parameters, the ceiling of every table.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import functools
@@ -46,6 +45,7 @@ from scipy import ndimage
 
 from data import cell_renderer, workers as workers_lib
 from data.arrayrecord_writer import write_dataset
+from maejax import flags
 
 VERSION = 2
 CONTROL_LABEL = "non-targeting"
@@ -617,16 +617,17 @@ def _per_experiment(acq_json: dict[str, list], num_experiments: int) -> list[dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="dataset directory to create")
+    parser = flags.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, metavar="DIR", help="dataset directory to create")
     parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     parser.add_argument("--preview", action="store_true", help="also write <out>/preview.png")
     parser.add_argument("--workers", type=int, default=1,
                         help="render in this many processes (same output, ~N times faster on N free cores)")
     for f in dataclasses.fields(ScreenConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=None,
-                            help=f"overrides the preset (ScreenConfig default: {f.default})")
+        old = f"--{f.name.replace('_', '-')}"
+        parser.add_argument(f"--{f.name}", deprecated=[old] if "_" in f.name else [], type=type(f.default),
+                            default=None, help=f"overrides the preset (ScreenConfig default: {f.default})")
     args = vars(parser.parse_args(argv))
     out, preset, overwrite, preview, workers = (
         args.pop(k) for k in ("out", "preset", "overwrite", "preview", "workers"))

@@ -105,7 +105,7 @@ S3 = S3_ROOT + "images/"
 
 def jump(root: Path, *, seed: int = 0, sites=(1, 2)) -> tuple[Path, dict[str, np.ndarray]]:
     """Per-plate load_data_with_illum.csv under workspace/load_data_csv/{batch}/{plate}/, 16-bit TIFFs
-    whose PathName is an s3:// URL (map it with --path-map), .npy illumination functions, and the
+    whose PathName is an s3:// URL (map it with --path_map), .npy illumination functions, and the
     well and CRISPR annotation tables. Returns the root and the raw images by file path."""
     rng = np.random.default_rng(seed)
     images = {}

@@ -340,7 +340,7 @@ def test_workers_die_when_the_build_is_killed(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "sites.csv", index=False)
     build = subprocess.Popen(
         [sys.executable, "-m", "data.sources.generic", "--csv", str(tmp_path / "sites.csv"), "--channels", "DNA",
-         "--out", str(tmp_path / "out"), "--crop-size", "32", "--workers", "2", "--num-shards", "2", "--quiet"],
+         "--out", str(tmp_path / "out"), "--crop_size", "32", "--workers", "2", "--num_shards", "2", "--quiet"],
         cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     held, workers = {}, []
     try:

@@ -50,7 +50,7 @@ def test_bad_files_fail_the_build_with_their_paths(damaged):
     assert message.startswith("4 bad sites (4 bad files):")
     for site, (path, reason) in bad.items():
         assert f"{site}: {path}: {reason}" in message
-    assert "--skip-bad-sites" in message and "2 shards holding them were not kept" in message
+    assert "--skip_bad_sites" in message and "2 shards holding them were not kept" in message
     assert not out.exists()
     work = out.parent / ".out.build"
     listed = json.loads((work / "bad_sites.json").read_text())
@@ -115,11 +115,11 @@ def test_changed_options_do_not_mix_into_an_unfinished_build(damaged):
 
 def test_command_line_prints_the_summary(damaged, capsys):
     root, bad, out = damaged
-    args = ["--source-dir", str(root), "--out", str(out), "--crop-size", "32", "--image-size", "64x64", "--quiet"]
+    args = ["--source_dir", str(root), "--out", str(out), "--crop_size", "32", "--image_size", "64x64", "--quiet"]
     assert rxrx1_cli.main(args) == 1
     err = capsys.readouterr().err
     assert all(str(path) in err for path, _ in bad.values())
-    assert rxrx1_cli.main(args + ["--skip-bad-sites"]) == 0
+    assert rxrx1_cli.main(args + ["--skip_bad_sites"]) == 0
     printed = capsys.readouterr().out
     assert "wrote 80 crops from 24 sites" in printed and "4 bad sites skipped" in printed
 

@@ -52,14 +52,14 @@ def test_beam_reports_bad_sites_and_resumes(tmp_path, capsys):
     bad = fake_screens.rxrx1_file(root, "RPE-02", 2, "C04", 2, 4)
     fake_screens.truncate(bad)
     out = tmp_path / "beam"
-    args = ["rxrx1", "--source-dir", str(root), "--out", str(out), "--crop-size", "32", "--image-size", "64x64",
-            "--num-shards", "3", "--runner", "DirectRunner"]
+    args = ["rxrx1", "--source_dir", str(root), "--out", str(out), "--crop_size", "32", "--image_size", "64x64",
+            "--num_shards", "3", "--runner", "DirectRunner"]
     assert beam_pipeline.main(args) == 1
     assert f"RPE-02/Plate2/C04/s2: {bad}: undecodable" in capsys.readouterr().err
     assert sorted(p.name for p in out.glob("_shards/*.parquet")) == [
         "crops-00000-of-00003.array_record.parquet", "crops-00001-of-00003.array_record.parquet"]
     finished = (out / "crops-00000-of-00003.array_record").stat().st_mtime_ns
-    assert beam_pipeline.main(args + ["--skip-bad-sites"]) == 0
+    assert beam_pipeline.main(args + ["--skip_bad_sites"]) == 0
     assert "wrote 92 crops from 24 sites" in capsys.readouterr().out
     assert (out / "crops-00000-of-00003.array_record").stat().st_mtime_ns == finished
     manifest = json.loads((out / "manifest.json").read_text())

@@ -203,8 +203,8 @@ def test_batch_effects_need_correction(screen, tmp_path):
 
 def test_cli_overrides_and_preview(tmp_path):
     out = tmp_path / "cli"
-    synthetic_screen.main(["--out", str(out), "--preset", "tiny", "--seed", "3", "--num-channels", "8",
-                           "--num-experiments", "1", "--preview"])
+    synthetic_screen.main(["--out", str(out), "--preset", "tiny", "--seed", "3", "--num_channels", "8",
+                           "--num_experiments", "1", "--preview"])
     ds = open_dataset(out)
     assert ds.channels == ["DNA", "ER", "RNA", "AGP", "Mito", "Golgi", "DNA_2", "ER_2"]
     assert ds.manifest["params"]["seed"] == 3 and list(ds.manifest["experiments"]) == ["SYN-01"]

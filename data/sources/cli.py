@@ -7,18 +7,20 @@ import sys
 from data.conversion import ConversionRule
 from data.crop_builder import BuildOptions, Source, build_dataset
 from data.cropping import CropSpec
+from maejax import flags
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="dataset directory to create")
+    p = flags.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, metavar="DIR", help="dataset directory to create")
     p.add_argument("--name", help="dataset name in the manifest (default: the source kind)")
     g = p.add_argument_group("crops")
-    g.add_argument("--crop-size", type=int, default=256)
-    g.add_argument("--crop-mode", choices=("tile", "random"), default="tile",
-                   help="tile: non-overlapping grid, row-major; random: --crops-per-site seeded positions")
-    g.add_argument("--crops-per-site", type=int, default=4, help="random mode only")
-    g.add_argument("--image-size", type=parse_size, default="auto",
+    g.add_argument("--crop_size", deprecated="--crop-size", type=int, default=256)
+    g.add_argument("--crop_mode", deprecated="--crop-mode", choices=("tile", "random"), default="tile",
+                   help="tile: non-overlapping grid, row-major; random: --crops_per_site seeded positions")
+    g.add_argument("--crops_per_site", deprecated="--crops-per-site", type=int, default=4,
+                   help="random mode only")
+    g.add_argument("--image_size", deprecated="--image-size", type=parse_size, default="auto",
                    help="site size HxW every channel must have; 'auto': the layout's, else the first readable "
                         "site's; 'any': channels of a site need only agree")
     g = p.add_argument_group("16-bit conversion (channels that do not decode to uint8)")
@@ -26,14 +28,17 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="percentile: per plate and channel levels from sampled sites; fixed: --low/--high values")
     g.add_argument("--low", type=float, help="percentile (default 0.1) or value (default 0) mapped to 0")
     g.add_argument("--high", type=float, help="percentile (default 99.9) or value (default 65535) mapped to 255")
-    g.add_argument("--sample-sites", type=int, default=16, help="sites per plate the percentiles come from")
-    g.add_argument("--sample-pixels", type=int, default=65536, help="pixels per sampled site and channel")
+    g.add_argument("--sample_sites", deprecated="--sample-sites", type=int, default=16,
+                   help="sites per plate the percentiles come from")
+    g.add_argument("--sample_pixels", deprecated="--sample-pixels", type=int, default=65536,
+                   help="pixels per sampled site and channel")
     g = p.add_argument_group("build")
     g.add_argument("--seed", type=int, default=0, help="random crops and conversion samples")
-    g.add_argument("--num-shards", type=int, help="default: expected crops / --records-per-shard")
-    g.add_argument("--records-per-shard", type=int, default=2048)
+    g.add_argument("--num_shards", deprecated="--num-shards", type=int,
+                   help="default: expected crops / --records_per_shard")
+    g.add_argument("--records_per_shard", deprecated="--records-per-shard", type=int, default=2048)
     g.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
-    g.add_argument("--skip-bad-sites", action="store_true",
+    g.add_argument("--skip_bad_sites", deprecated="--skip-bad-sites", action="store_true",
                    help="leave out sites with bad files (listed in the manifest) instead of failing")
     g.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     g.add_argument("--restart", action="store_true", help="discard an unfinished build of --out instead of resuming")
@@ -60,7 +65,7 @@ def parse_size(text: str) -> str | tuple[int, int]:
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--image-size must be HxW, 'auto' or 'any', got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--image_size must be HxW, 'auto' or 'any', got {text!r}") from None
     return height, width
 
 

@@ -2,9 +2,9 @@
 
 Required columns: `experiment`, `plate`, `well`, `site` and one column per channel (`--channels`, in
 record order; the column name is the channel name). Optional: `perturbation` (default `unknown`) and
-`is_control` (true/false; default: perturbation in `--control-labels`). Every other column is kept as
+`is_control` (true/false; default: perturbation in `--control_labels`). Every other column is kept as
 text metadata on each record. Files are PNG, TIFF or JPEG-2000, 8- or 16-bit, paths relative to the
-CSV's folder unless absolute (or `--source-dir`).
+CSV's folder unless absolute (or `--source_dir`).
 
     python -m data.sources.generic --csv sites.csv --channels DNA,ER,RNA,AGP,Mito --out /data/crops/mine
 """
@@ -70,8 +70,10 @@ class GenericCSV(Source):
 def add_arguments(p) -> None:
     p.add_argument("--csv", required=True, help="one row per site")
     p.add_argument("--channels", required=True, help="comma-separated channel columns, in record order")
-    p.add_argument("--source-dir", help="folder relative file paths start from (default: the CSV's)")
-    p.add_argument("--control-labels", default="", help="perturbations that are controls (without is_control)")
+    p.add_argument("--source_dir", deprecated="--source-dir",
+                   help="folder relative file paths start from (default: the CSV's)")
+    p.add_argument("--control_labels", deprecated="--control-labels", default="",
+                   help="perturbations that are controls (without is_control)")
 
 
 def from_args(args) -> GenericCSV:

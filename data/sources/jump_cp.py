@@ -9,11 +9,11 @@ them), never from a built-in list: the mapping differs between sources.
 
 Perturbations come from the `jump-cellpainting/datasets` tables when given: `--wells well.csv.gz`
 (plate, well -> Metadata_JCP2022) and `--perturbations crispr.csv.gz [orf.csv.gz ...]` (JCP2022 ->
-`--perturbation-column`, default Metadata_Symbol; unmapped ids stay JCP2022 ids). Without them every
-site is `unknown` (fine for self-supervised training). Controls: `--control-labels`.
+`--perturbation_col`, default Metadata_Symbol; unmapped ids stay JCP2022 ids). Without them every
+site is `unknown` (fine for self-supervised training). Controls: `--control_labels`.
 
-    python -m data.sources.jump_cp --source-dir /data/cpg0016/source_4/workspace/load_data_csv \\
-        --path-map s3://cellpainting-gallery/=/data/ --wells well.csv.gz --perturbations crispr.csv.gz \\
+    python -m data.sources.jump_cp --source_dir /data/cpg0016/source_4/workspace/load_data_csv \\
+        --path_map s3://cellpainting-gallery/=/data/ --wells well.csv.gz --perturbations crispr.csv.gz \\
         --out /data/crops/jump --workers 16
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ UNKNOWN = "unknown"
 class JumpCP(Source):
     kind = "jump_cp"
     module = "data.sources.jump_cp"
-    image_size = None  # differs between sources: the first readable site's, unless --image-size
+    image_size = None  # differs between sources: the first readable site's, unless --image_size
 
     def __init__(self, load_data: list[str | Path], *, channels: list[str] | None = None, illum: bool = True,
                  path_map: list[tuple[str, str]] | None = None, wells: str | Path | None = None,
@@ -149,26 +149,28 @@ class JumpCP(Source):
 
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--source-dir", help="searched recursively for per-plate load_data tables")
-    src.add_argument("--load-data", nargs="+", help="load_data tables to read")
+    src.add_argument("--source_dir", deprecated="--source-dir",
+                     help="searched recursively for per-plate load_data tables")
+    src.add_argument("--load_data", deprecated="--load-data", nargs="+", help="load_data tables to read")
     p.add_argument("--channels", help="comma-separated channel names (FileName_Orig<name>) in record order")
-    p.add_argument("--no-illum", action="store_true", help="ignore FileName_Illum* (no illumination correction)")
-    p.add_argument("--path-map", action="append", default=[], metavar="OLD=NEW",
+    p.add_argument("--no_illum", deprecated="--no-illum", action="store_true",
+                   help="ignore FileName_Illum* (no illumination correction)")
+    p.add_argument("--path_map", deprecated="--path-map", action="append", default=[], metavar="OLD=NEW",
                    help="rewrite PathName prefixes, e.g. s3://cellpainting-gallery/=/data/ (repeatable)")
     p.add_argument("--wells", help="well.csv(.gz): Metadata_Plate, Metadata_Well -> Metadata_JCP2022")
     p.add_argument("--perturbations", nargs="*", default=[],
                    help="crispr/orf/compound tables: Metadata_JCP2022 -> name")
-    p.add_argument("--perturbation-column", default="Metadata_Symbol")
-    p.add_argument("--control-labels", default=",".join(CONTROL_LABELS))
+    p.add_argument("--perturbation_col", deprecated="--perturbation-column", default="Metadata_Symbol")
+    p.add_argument("--control_labels", deprecated="--control-labels", default=",".join(CONTROL_LABELS))
 
 
 def from_args(args) -> JumpCP:
     bad = [item for item in args.path_map if "=" not in item]
     if bad:
-        raise tables.TableError(f"--path-map takes OLD=NEW, got {bad}")
+        raise tables.TableError(f"--path_map takes OLD=NEW, got {bad}")
     return JumpCP(args.load_data or JumpCP.find_load_data(args.source_dir), channels=cli.names(args.channels),
                   illum=not args.no_illum, path_map=[tuple(item.split("=", 1)) for item in args.path_map],
-                  wells=args.wells, perturbations=args.perturbations, perturbation_column=args.perturbation_column,
+                  wells=args.wells, perturbations=args.perturbations, perturbation_column=args.perturbation_col,
                   control_labels=tuple(cli.names(args.control_labels)))
 
 

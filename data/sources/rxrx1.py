@@ -3,7 +3,7 @@
 Six 8-bit 512x512 PNGs per site (w1..w6); 51 experiments x 4 plates x 308 wells x 2 sites. Perturbation
 is the siRNA (`sirna`; negative controls are `EMPTY`), controls are `well_type == negative_control`.
 
-    python -m data.sources.rxrx1 --source-dir /data/rxrx1 --out /data/crops/rxrx1 --workers 8
+    python -m data.sources.rxrx1 --source_dir /data/rxrx1 --out /data/crops/rxrx1 --workers 8
 """
 from __future__ import annotations
 
@@ -72,10 +72,12 @@ class RxRx1(Source):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--source-dir", required=True, help="folder holding metadata.csv and images/")
-    p.add_argument("--metadata", default="metadata.csv", help="relative to --source-dir")
-    p.add_argument("--images", default="images", help="relative to --source-dir")
-    p.add_argument("--channel-names", help=f"comma-separated names of w1..w6 (default {','.join(RXRX_STAINS)})")
+    p.add_argument("--source_dir", deprecated="--source-dir", required=True,
+                   help="folder holding metadata.csv and images/")
+    p.add_argument("--metadata", default="metadata.csv", help="relative to --source_dir")
+    p.add_argument("--images", default="images", help="relative to --source_dir")
+    p.add_argument("--channel_names", deprecated="--channel-names",
+                   help=f"comma-separated names of w1..w6 (default {','.join(RXRX_STAINS)})")
     p.add_argument("--experiments", help="comma-separated experiments to build (default all)")
 
 

@@ -4,9 +4,9 @@
 `{experiment_name}/Plate{plate}/{address}_s1_{channel}` (channels 1..6, one site per well);
 `metadata_rxrx3_core.csv` has one row per well (`experiment_name, plate, address, gene, treatment,
 SMILES, concentration, perturbation_type, ...`). Perturbation: the first non-empty of `gene`, `treatment`
-(`--perturbation-columns`); controls: `EMPTY_control` (`--control-labels`).
+(`--perturbation_col`); controls: `EMPTY_control` (`--control_labels`).
 
-    python -m data.sources.rxrx3_core --source-dir /data/rxrx3-core --out /data/crops/rxrx3_core --workers 8
+    python -m data.sources.rxrx3_core --source_dir /data/rxrx3-core --out /data/crops/rxrx3_core --workers 8
 """
 from __future__ import annotations
 
@@ -115,19 +115,22 @@ class RxRx3Core(Source):
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--source-dir", required=True, help="the dataset folder (holding data/ and the metadata CSV)")
-    p.add_argument("--shards", default="data/*.parquet", help="glob of the image shards, relative to --source-dir")
-    p.add_argument("--metadata", default="metadata_rxrx3_core.csv", help="relative to --source-dir")
-    p.add_argument("--key-column", default="__key__")
-    p.add_argument("--image-column", default="jp2")
-    p.add_argument("--perturbation-columns", default="gene,treatment", help="first non-empty one is the perturbation")
-    p.add_argument("--control-labels", default="EMPTY_control")
-    p.add_argument("--channel-names", help=f"comma-separated names of channels 1..6 (default {','.join(RXRX_STAINS)})")
+    p.add_argument("--source_dir", deprecated="--source-dir", required=True,
+                   help="the dataset folder (holding data/ and the metadata CSV)")
+    p.add_argument("--shards", default="data/*.parquet", help="glob of the image shards, relative to --source_dir")
+    p.add_argument("--metadata", default="metadata_rxrx3_core.csv", help="relative to --source_dir")
+    p.add_argument("--key_col", deprecated="--key-column", default="__key__")
+    p.add_argument("--image_col", deprecated="--image-column", default="jp2")
+    p.add_argument("--perturbation_col", deprecated="--perturbation-columns", default="gene,treatment",
+                   help="comma-separated columns; the first non-empty one is the perturbation")
+    p.add_argument("--control_labels", deprecated="--control-labels", default="EMPTY_control")
+    p.add_argument("--channel_names", deprecated="--channel-names",
+                   help=f"comma-separated names of channels 1..6 (default {','.join(RXRX_STAINS)})")
 
 
 def from_args(args) -> RxRx3Core:
-    return RxRx3Core(args.source_dir, shards=args.shards, metadata=args.metadata, key_column=args.key_column,
-                     image_column=args.image_column, perturbation_columns=tuple(cli.names(args.perturbation_columns)),
+    return RxRx3Core(args.source_dir, shards=args.shards, metadata=args.metadata, key_column=args.key_col,
+                     image_column=args.image_col, perturbation_columns=tuple(cli.names(args.perturbation_col)),
                      control_labels=tuple(cli.names(args.control_labels)), channel_names=cli.names(args.channel_names))
 
 
