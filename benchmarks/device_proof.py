@@ -556,20 +556,20 @@ def section_inference(ctx) -> None:
                                      "model.attention": "None" if used == "xla" else used})
             mesh = shd.make_mesh(dict(cfg.mesh))
             rules = shd.rules_from_config(cfg.sharding_rules)
-            sharded = state_lib.abstract(cfg.model, mesh, rules, seed=cfg.seed)
+            layout = state_lib.abstract(cfg.model, mesh, rules, seed=cfg.seed)
             if state is None:   # the parameters do not depend on the attention implementation
-                state = state_lib.initialize(cfg.model, mesh, rules, sharded, seed=cfg.seed)
+                state = state_lib.initialize(cfg.model, mesh, rules, layout, seed=cfg.seed)
             b, c, s = ctx.plan.infer_batch, int(cfg.model.in_channels), int(cfg.data.crop_size)
             in_sh = shd.batch_sharding(mesh, rules, 4)
             images = jax.device_put(np.random.default_rng(0).standard_normal((b, c, s, s), np.float32), in_sh)
-            graphdef = sharded.model_def
+            graphdef = layout.model_def
 
             def blocks(state, images):
                 return nnx.merge(graphdef, state).embed(images)["blocks"]
 
             with shd.activate(mesh, rules):
                 t = time.perf_counter()
-                compiled = jax.jit(blocks, in_shardings=(sharded.model_shardings, in_sh)).lower(
+                compiled = jax.jit(blocks, in_shardings=(layout.model_shardings, in_sh)).lower(
                     state, images).compile()
                 compile_s = time.perf_counter() - t
                 for _ in range(2):
@@ -580,7 +580,7 @@ def section_inference(ctx) -> None:
                     out = compiled(state, images)
                 jax.block_until_ready(out)
                 secs = time.perf_counter() - t
-            flops = sharded.abstract_model().flops_per_crop(s, s)["infer"]
+            flops = layout.abstract_model().flops_per_crop(s, s)["infer"]
             r = mfu.throughput(flops, b * ctx.plan.infer_iters, secs, jax.device_count(), ctx.peak)
             row.update(status="ok", batch=b, crop=s, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                        blocks_shape=list(out.shape), blocks_finite=bool(jnp.isfinite(out).all()),

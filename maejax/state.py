@@ -17,8 +17,9 @@ from maejax.config import complete
 
 
 @dataclasses.dataclass
-class ShardedState:
-    """Graph definitions plus abstract states (ShapeDtypeStruct with shardings) of model and optimiser."""
+class StateLayout:
+    """The layout of the model and optimiser state, with no array in it: graph definitions plus abstract
+    states (ShapeDtypeStructs carrying their shardings)."""
     model_def: Any
     model_abstract: Any
     opt_def: Any = None
@@ -47,7 +48,7 @@ def _constructor(model_cfg, seed: int, tx: optax.GradientTransformation | None) 
 
 
 def abstract(model_cfg, mesh: Mesh, rules, *, seed: int = 0,
-             tx: optax.GradientTransformation | None = None) -> ShardedState:
+             tx: optax.GradientTransformation | None = None) -> StateLayout:
     """Shapes and shardings of the model (and optimiser), without allocating anything."""
     init = _constructor(model_cfg, seed, tx)
     with shd.activate(mesh, rules):
@@ -57,8 +58,8 @@ def abstract(model_cfg, mesh: Mesh, rules, *, seed: int = 0,
     for (_, s), what in zip(with_sh, ("parameter", "optimizer state")):
         shd.check_divisible(s, mesh, what)
     if tx is None:
-        return ShardedState(*with_sh[0])
-    return ShardedState(*with_sh[0], *with_sh[1])
+        return StateLayout(*with_sh[0])
+    return StateLayout(*with_sh[0], *with_sh[1])
 
 
 def _with_shardings(state, mesh):
@@ -66,11 +67,11 @@ def _with_shardings(state, mesh):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def initialize(model_cfg, mesh: Mesh, rules, sharded: ShardedState, *, seed: int = 0,
+def initialize(model_cfg, mesh: Mesh, rules, layout: StateLayout, *, seed: int = 0,
                tx: optax.GradientTransformation | None = None, compiler_options: dict[str, Any] | None = None):
     """Materialises fresh parameters (and optimiser state) directly with their shardings."""
     init = _constructor(model_cfg, seed, tx)
-    out_sh = (sharded.model_shardings,) if tx is None else (sharded.model_shardings, sharded.opt_shardings)
+    out_sh = (layout.model_shardings,) if tx is None else (layout.model_shardings, layout.opt_shardings)
     with shd.activate(mesh, rules):
         p_init = jax.jit(lambda: tuple(nnx.state(x) for x in init()), out_shardings=out_sh)
         states = p_init.lower().compile(compiler_options=compiler_options)()
@@ -90,11 +91,11 @@ def load_model(checkpoint_dir: str, *, step: int | None = None, mesh: Mesh | Non
         config = complete(ckpts.meta(step)["config"])
         rules = rules if rules is not None else shd.rules_from_config(config.sharding_rules)
         mesh = mesh if mesh is not None else shd.batch_mesh(rules)
-        sharded = abstract(config.model, mesh, rules, seed=config.seed)
+        layout = abstract(config.model, mesh, rules, seed=config.seed)
         # A checkpoint whose arrays another kind of model wrote (its meta config edited or copied, or model
         # code and config defaults changed since it was trained): one line naming both, not a tree diff.
         restored = ckpts.restore(
-            step, model_state=sharded.model_abstract,
+            step, model_state=layout.model_abstract,
             model_name=f"the {config.model.name} {config.model.variant} model its stored config describes",
             advice="its arrays were written by another model than its meta config says (model code or config "
                    "defaults changed since it was trained, or the checkpoint or its meta was copied from "
@@ -102,5 +103,5 @@ def load_model(checkpoint_dir: str, *, step: int | None = None, mesh: Mesh | Non
     finally:
         ckpts.close()
     with shd.activate(mesh, rules):
-        model = nnx.merge(sharded.model_def, restored["model"])
+        model = nnx.merge(layout.model_def, restored["model"])
     return model, config, step

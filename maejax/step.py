@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from maejax import optim, sharding as shd, state as state_lib
 from maejax.config import check_known
-from maejax.state import ShardedState
+from maejax.state import StateLayout
 
 BATCH_KEYS = {"image": 4, "label": 1}  # what the step reads from a batch, with its rank
 
@@ -104,15 +104,15 @@ def loss_and_grads(model: nnx.Module, batch: dict[str, jax.Array], key: jax.Arra
     return jax.tree.map(lambda x: x / steps, (metrics, grads))
 
 
-def make_train_step(sharded: ShardedState, config: ml_collections.ConfigDict,
+def make_train_step(layout: StateLayout, config: ml_collections.ConfigDict,
                     lr_schedule: optax.Schedule) -> Callable:
     """(model_state, opt_state, batch, step) -> (model_state, opt_state, metrics). The step's key is
     fold_in(seed, step), so a resumed run draws the same masks as an uninterrupted one."""
     seed, accum = int(config.seed), int(config.optim.grad_accum_steps)
 
     def train_step(model_state, opt_state, batch, step):
-        model = nnx.merge(sharded.model_def, model_state)
-        opt = nnx.merge(sharded.opt_def, opt_state)
+        model = nnx.merge(layout.model_def, model_state)
+        opt = nnx.merge(layout.opt_def, opt_state)
         key = jax.random.fold_in(jax.random.key(seed), step)  # made while tracing: no eager op on the mesh
         metrics, grads = loss_and_grads(model, batch, key, accum)
         grad_norm = optax.tree.norm(grads)
@@ -140,7 +140,7 @@ class TrainSetup:
     rules: tuple
     tx: optax.GradientTransformation
     lr_schedule: optax.Schedule
-    sharded: ShardedState
+    layout: StateLayout
     batch_shardings: dict[str, NamedSharding]
     jitted: Callable      # (model_state, opt_state, batch, step) -> (model_state, opt_state, metrics)
 
@@ -150,13 +150,13 @@ class TrainSetup:
 
     @property
     def num_params(self) -> int:
-        return sum(x.size for x in jax.tree.leaves(self.sharded.model_abstract))
+        return sum(x.size for x in jax.tree.leaves(self.layout.model_abstract))
 
     @property
     def flops_per_example(self) -> float:
         """Analytic model FLOPs of one training crop (forward and backward), for MFU."""
         crop = int(self.config.data.crop_size)
-        return self.sharded.abstract_model().flops_per_crop(crop, crop)["train"]
+        return self.layout.abstract_model().flops_per_crop(crop, crop)["train"]
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         return abstract_batch(self.config, self.batch_shardings)
@@ -165,12 +165,12 @@ class TrainSetup:
         """Lowers and compiles the step once for the abstract state and batch (no device memory is touched);
         `describe_memory` of the result is its per-device memory."""
         with self.activate():
-            return self.jitted.lower(self.sharded.model_abstract, self.sharded.opt_abstract, self.abstract_batch(),
+            return self.jitted.lower(self.layout.model_abstract, self.layout.opt_abstract, self.abstract_batch(),
                                      STEP_ARG).compile(compiler_options=compiler_options(self.config))
 
     def initialize(self):
         """Fresh (model_state, opt_state), materialised directly in their shards."""
-        return state_lib.initialize(self.config.model, self.mesh, self.rules, self.sharded, seed=self.config.seed,
+        return state_lib.initialize(self.config.model, self.mesh, self.rules, self.layout, seed=self.config.seed,
                                     tx=self.tx, compiler_options=compiler_options(self.config))
 
 
@@ -183,14 +183,14 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     check_batch(config, mesh)
     total = int(config.total_steps)
     tx, lr_schedule = optim.make(config.optim, total), optim.schedule(config.optim, total)
-    sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
+    layout = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
     batch_sh = batch_shardings(mesh, rules)
     with shd.activate(mesh, rules):
-        jitted = jax.jit(make_train_step(sharded, config, lr_schedule),
-                         in_shardings=(sharded.model_shardings, sharded.opt_shardings, batch_sh, None),
-                         out_shardings=(sharded.model_shardings, sharded.opt_shardings, None),
+        jitted = jax.jit(make_train_step(layout, config, lr_schedule),
+                         in_shardings=(layout.model_shardings, layout.opt_shardings, batch_sh, None),
+                         out_shardings=(layout.model_shardings, layout.opt_shardings, None),
                          donate_argnums=(0, 1))
-    return TrainSetup(config, mesh, rules, tx, lr_schedule, sharded, batch_sh, jitted)
+    return TrainSetup(config, mesh, rules, tx, lr_schedule, layout, batch_sh, jitted)
 
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:

@@ -67,7 +67,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     # Checks that need no compute (config keys, mesh, batch split, parameter shardings) and the step's set-up
     # ----------------------------------------------------------------------------------------------------
     train_setup = step_lib.setup(config)
-    mesh, sharded = train_setup.mesh, train_setup.sharded
+    mesh, layout = train_setup.mesh, train_setup.layout
     total, batch = int(config.total_steps), int(config.data.batch_size)
     ckpt_dir = run_checkpoint_dir(workdir, config.ckpt_dir)
     ckpts = _open_checkpoints(ckpt_dir, int(config.keep_ckpts))   # None for a new run: nothing created yet
@@ -112,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         fresh_streams = any(k.startswith("data.") for k in refused)
         if start:
             restored = ckpts.restore(
-                start, model_state=sharded.model_abstract, optimizer_state=sharded.opt_abstract,
+                start, model_state=layout.model_abstract, optimizer_state=layout.opt_abstract,
                 data_iter=None if fresh_streams else data_iter,
                 model_name=f"the {config.model.name} {config.model.variant} model and {config.optim.name} "
                            f"optimiser of this config",
@@ -130,7 +130,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         print(f"{config.model.name} {config.model.variant}: {train_setup.num_params / 1e6:.2f}M parameters on mesh "
               f"{dict(mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} devices, "
               f"{jax.process_count()} processes, {data_iter.num_streams} input streams)", flush=True)
-        abstract_model = sharded.abstract_model()
+        abstract_model = layout.abstract_model()
         table = writer.write_parameter_overview(nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)))
         if table:
             print(f"Parameter table: {table}", flush=True)

@@ -54,9 +54,9 @@ class StandInStep:
 
 
 def stand_in_programs(mp: pytest.MonkeyPatch, nan_at: int | None = None) -> None:
-    def zeros(model_cfg, mesh, rules, sharded, **_):
+    def zeros(model_cfg, mesh, rules, layout, **_):
         put = lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding)  # noqa: E731
-        return jax.tree.map(put, sharded.model_abstract), jax.tree.map(put, sharded.opt_abstract)
+        return jax.tree.map(put, layout.model_abstract), jax.tree.map(put, layout.opt_abstract)
     mp.setattr(state_lib, "initialize", zeros)
     mp.setattr(step_lib.TrainSetup, "compile", lambda self: StandInStep(nan_at))
 

@@ -63,7 +63,7 @@ def lay_out(config, devices):
     with fitted.unlocked():
         fitted.mesh.update(sizes, **{f"dcn_{a}": 1 for a in shd.MESH_AXES})
     train_setup = step_lib.setup(fitted, devices[:used])
-    return train_setup.mesh, cuts, train_setup.sharded
+    return train_setup.mesh, cuts, train_setup.layout
 
 
 def requested_mesh(config) -> jax.sharding.AbstractMesh:
@@ -75,17 +75,17 @@ def requested_mesh(config) -> jax.sharding.AbstractMesh:
 @pytest.mark.parametrize("spec", preset_specs())
 def test_preset_lays_out_on_eight_fake_devices(spec):
     config = config_lib.load(str(REPO / spec))
-    mesh, cuts, sharded = lay_out(config, jax.devices())
-    params = jax.tree.leaves(sharded.model_abstract)
-    assert sum(x.size for x in params) > 0 and jax.tree.leaves(sharded.opt_abstract)
-    for x in params + jax.tree.leaves(sharded.opt_abstract):
+    mesh, cuts, layout = lay_out(config, jax.devices())
+    params = jax.tree.leaves(layout.model_abstract)
+    assert sum(x.size for x in params) > 0 and jax.tree.leaves(layout.opt_abstract)
+    for x in params + jax.tree.leaves(layout.opt_abstract):
         assert isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
     if mesh.shape["fsdp"] > 1:   # the rules table reaches the weights: the big matrices are split over fsdp
         assert any("fsdp" in jax.tree.leaves(tuple(x.sharding.spec)) for x in params), spec
     if cuts:   # laid out smaller than asked: the shardings and the batch must also divide the mesh asked for
         full = requested_mesh(config)
-        shd.check_divisible(sharded.model_abstract, full, "parameter")
-        shd.check_divisible(sharded.opt_abstract, full, "optimizer state")
+        shd.check_divisible(layout.model_abstract, full, "parameter")
+        shd.check_divisible(layout.opt_abstract, full, "optimizer state")
         step_lib.check_batch(config, full)
 
 
@@ -102,10 +102,10 @@ def test_g8_mesh_is_cut_to_eight_devices_and_checked_at_fsdp_128():
     assert fitted_mesh_axes(dict(config.mesh), 8) == ({"data": -1, "fsdp": 8, "tensor": 1}, ["fsdp 128->8"])
     assert dict(requested_mesh(config).shape) == {"data": 1, "fsdp": 128, "tensor": 1}
     # What the full-size check catches: G/8's width 1664 = 13 x 128 does not split over fsdp 256.
-    sharded = lay_out(config, jax.devices())[2]
+    layout = lay_out(config, jax.devices())[2]
     too_wide = jax.sharding.AbstractMesh((1, 256, 1), shd.MESH_AXES)
     with pytest.raises(shd.MeshError, match="cannot be split over mesh axes fsdp=256"):
-        shd.check_divisible(sharded.model_abstract, too_wide, "parameter")
+        shd.check_divisible(layout.model_abstract, too_wide, "parameter")
 
 
 def test_two_minus_one_axes_are_refused_on_the_fake_devices():

@@ -73,11 +73,11 @@ def test_master_weights_and_optimizer_state_stay_float32_under_bfloat16_compute(
     c.model.update(TINY)
     c.model.dtype = "bfloat16"
     mesh = shd.make_mesh({"data": 8})
-    sharded = state_lib.abstract(c.model, mesh, shd.DEFAULT_RULES, tx=optim.make(c.optim, 1000))
-    dtypes = {x.dtype for x in jax.tree.leaves(sharded.model_abstract)}
-    opt_dtypes = {x.dtype for x in jax.tree.leaves(sharded.opt_abstract) if x.ndim}
+    layout = state_lib.abstract(c.model, mesh, shd.DEFAULT_RULES, tx=optim.make(c.optim, 1000))
+    dtypes = {x.dtype for x in jax.tree.leaves(layout.model_abstract)}
+    opt_dtypes = {x.dtype for x in jax.tree.leaves(layout.opt_abstract) if x.ndim}
     assert dtypes == {jnp.dtype("float32")} and opt_dtypes == {jnp.dtype("float32")}
-    assert sharded.abstract_model().encoder.cfg.block.dtype == jnp.bfloat16
+    assert layout.abstract_model().encoder.cfg.block.dtype == jnp.bfloat16
 
 
 def test_peak_table_and_mfu():
