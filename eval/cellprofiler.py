@@ -621,10 +621,11 @@ def cellprofiler_screen(dataset_dir: str, max_crops_per_well: int | None = DEFAU
 
 def _main(argv=None) -> None:
     """python -m eval.cellprofiler --dataset DIR [--crops_per_well K] [--workers W]: measure and time."""
-    import argparse
     import time
-    p = argparse.ArgumentParser(description=_main.__doc__)
-    p.add_argument("--dataset", required=True, help="dataset directory")
+
+    from maejax import flags
+    p = flags.ArgumentParser(description=_main.__doc__)
+    p.add_argument("--dataset", required=True, metavar="DIR", help="dataset directory")
     p.add_argument("--crops_per_well", type=int, default=DEFAULT_CROPS_PER_WELL, help="0 = every crop")
     p.add_argument("--workers", type=int, default=WORKERS)
     a = p.parse_args(argv)

@@ -1,14 +1,16 @@
 """Embed a uint8 image array with any maejax checkpoint (trained or converted, e.g. OpenPhenom).
 
-  python -m eval.embed_arrays --checkpoint DIR --images IN.npy --out OUT.npz [--batch-size 64]
-  python -m eval.embed_arrays --checkpoint DIR --images IN.npy --out DIR [--metadata META.csv] [--blocks all|1,5]
+  python -m eval.embed_arrays --workdir DIR --images IN.npy --out DIR [--metadata META.csv] [--blocks all|1,5]
+  python -m eval.embed_arrays --workdir DIR --images IN.npy --out DIR --format npz [--batch_size 64]
 
-IN.npy: uint8 (N, C, H, W). An --out ending in .npz holds float32 arrays named as in OpenPhenom's reference
-outputs (below). Any other --out is a folder of parquet tables in the embed job's format (eval/embeddings.py,
-eval/embed_job.py): `block_01.parquet` ... one per block of `blockwise_meanpool` (those of --blocks), and
+--workdir: a training run directory, or a checkpoint directory itself (as eval.embed_job takes it).
+IN.npy: uint8 (N, C, H, W). `--format npz` writes <out>/embeddings.npz, float32 arrays named as in
+OpenPhenom's reference outputs (below). The default, `--format parquet`, writes parquet tables into --out in
+the embed job's format (eval/embeddings.py, eval/embed_job.py): `block_01.parquet` ... one per block of
+`blockwise_meanpool` (those of --blocks), and
 `predict.parquet`, `forward_head.parquet`, `channelwise.parquet`, `cls.parquet`; one row per image with
 `image_index`, the --metadata table's columns (CSV or parquet, one row per image, in order) and
-feature_0 ... feature_{D-1}: what `python -m eval.map_benchmark --features` and pycytominer read. The outputs:
+feature_0 ... feature_{D-1}: what `python -m eval.map_benchmark --embeddings` and pycytominer read. The outputs:
   predict            (N, D)         mean of the patch tokens after the last block, no final norm
   channelwise        (N, C * D)     per-channel means of those tokens [ch0 | ch1 | ...] (channel-agnostic models)
   forward_head       (N, D)         the model's normalised pooled feature (OpenPhenom: fc_norm(predict))
@@ -19,7 +21,6 @@ Images are self-standardised on device exactly as in training (maejax.preprocess
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
@@ -28,11 +29,12 @@ import pandas as pd
 from flax import nnx
 
 from eval.embed import Embedder
-from maejax import sharding as shd
+from maejax import flags, sharding as shd
 from maejax.preprocess import self_standardize
 from maejax.state import load_model
 from maejax.step import compiler_options
 
+NPZ = "embeddings.npz"   # the file --format npz writes into --out
 # output name -> key of `model.embed`
 OUTPUTS = {"predict": "predict", "channelwise": "channelwise", "forward_head": "pooled", "cls": "cls",
            "blockwise_meanpool": "blocks"}
@@ -113,23 +115,29 @@ def write_parquet(out_dir: str, outputs: dict[str, np.ndarray], metadata: pd.Dat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval.embed_arrays", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="maejax checkpoint directory")
+    parser = flags.ArgumentParser(prog="python -m eval.embed_arrays", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", deprecated="--checkpoint", required=True, metavar="DIR",
+                        help="training run directory, or a checkpoint directory")
     parser.add_argument("--images", required=True, help="uint8 .npy array (N, C, H, W)")
-    parser.add_argument("--out", required=True, help="output .npz, or a folder for parquet tables")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's eval.batch_size")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help=f"output directory: parquet tables, or {NPZ} with --format npz")
+    parser.add_argument("--format", choices=("parquet", "npz"), default="parquet")
+    parser.add_argument("--batch_size", deprecated="--batch-size", type=int, default=None,
+                        help="default: the config's eval.batch_size")
     parser.add_argument("--metadata", default=None, help="parquet output: CSV/parquet table, one row per image")
     parser.add_argument("--blocks", default="all", help="parquet output: `all` or block numbers, e.g. 1,5,12")
     args = parser.parse_args(argv)
+    npz = args.format == "npz" or (args.out.endswith(".npz") and not os.path.isdir(args.out))   # the old OUT.npz
+    path = flags.output_file(args.out, NPZ) if npz else None
     images = load_images(args.images)
     metadata = load_metadata(args.metadata, len(images)) if args.metadata else None
-    out = embed_arrays(args.checkpoint, images, batch_size=args.batch_size)
+    from eval.embed_job import checkpoint_dir
+    out = embed_arrays(checkpoint_dir(args.workdir), images, batch_size=args.batch_size)
     missing = sorted(set(OUTPUTS) - set(out))
     note = f"; not defined by this model: {', '.join(missing)}" if missing else ""
-    if args.out.endswith(".npz"):
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        np.savez(args.out, **out)
-        print(f"{args.images} {images.shape} -> {args.out}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items())
+    if npz:
+        np.savez(path, **out)
+        print(f"{args.images} {images.shape} -> {path}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items())
               + note)
         return
     paths = write_parquet(args.out, out, metadata, args.blocks)

@@ -5,7 +5,8 @@ every process, written as parquet shards as it goes; a killed or preempted job r
       [--batch_size N] [--shard_size 8192] [--write crops,wells] [--step N] [--read_threads 4]
 
 `--workdir` is a training run directory (its checkpoints in `<workdir>/checkpoints` or the run's
-`ckpt_dir`) or a checkpoint directory itself (e.g. `python -m maejax.convert openphenom --out DIR`). Crops are
+`ckpt_dir`; also what `python -m maejax.convert openphenom --workdir DIR` writes) or a checkpoint directory
+itself. Crops are
 the dataset's whole records, normalised as the model was trained (`data.normalize`: per crop, or by the
 plate statistics of this dataset), as `eval.job` embeds them.
 
@@ -435,11 +436,14 @@ def _runs(blocks: Sequence[int]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.embed_job", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", required=True, help="training run directory, or a checkpoint directory")
-    p.add_argument("--dataset", default=None, help="dataset directory (default: the one the run trained on)")
-    p.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
+    from maejax import flags
+    p = flags.ArgumentParser(prog="python -m eval.embed_job", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, metavar="DIR",
+                   help="training run directory, or a checkpoint directory")
+    p.add_argument("--dataset", default=None, metavar="DIR",
+                   help="dataset directory (default: the one the run trained on)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (a rerun resumes it)")
     p.add_argument("--blocks", default="all", help="`all` or 1-based block numbers, e.g. 1,5,12")
     p.add_argument("--batch_size", type=int, default=None,
                    help="crops per forward pass per process (rounded up to a multiple of its devices; "

@@ -26,6 +26,7 @@ from typing import Any
 
 import pandas as pd
 
+from maejax import flags
 from maejax.models.flops import abstract_model, param_count
 
 DEFAULT_REPORT = os.path.join("eval", "mae", "report.json")
@@ -189,10 +190,10 @@ def summarize(run_paths: Sequence[str], out_dir: str, report_path: str = DEFAULT
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m eval.scaling", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = flags.ArgumentParser(prog="python -m eval.scaling", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", nargs="+", required=True, help="run directories, or folders of them")
-    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--out", required=True, metavar="DIR", help="output directory")
     ap.add_argument("--report", default=DEFAULT_REPORT, help="eval report path inside each run")
     ap.add_argument("--baseline", nargs="*", default=[], metavar="NAME=REPORT",
                     help="reference reports drawn as horizontal lines (e.g. hand-crafted features)")

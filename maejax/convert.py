@@ -10,8 +10,8 @@ one-line error that names it and says what is wrong, with exit status 2 and noth
 OpenPhenom / maes_microscopy (CA-MAE, timm `ParallelScalingBlock`) -> a `ca_mae` model with parallel
 blocks, written as a run directory like the trainer's: `<workdir>/config.json` and the checkpoint (orbax,
 step 0, its config also in `meta`) in `<workdir>/checkpoints`, where `eval.job` looks for it;
-`maejax.state.load_model(<workdir>/checkpoints)` restores it and `eval.embed_arrays --checkpoint
-<workdir>/checkpoints` embeds arrays with it. (`--out DIR`, deprecated, writes the checkpoint directory
+`maejax.state.load_model(<workdir>/checkpoints)` restores it and `eval.embed_arrays --workdir <workdir>`
+embeds arrays with it. (`--out DIR`, deprecated, writes the checkpoint directory
 itself with its config.json, as earlier versions did.)
 
 The snapshot's `config.json` (maes_microscopy's `MAEConfig`, `model_type` "MAE"), where present, gives the
@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from maejax import config as config_lib, torch_pickle
+from maejax import config as config_lib, flags, torch_pickle
 from maejax.checkpoint import Checkpoints
 from maejax.models import flops
 from maejax.models.layers import sincos_2d
@@ -439,7 +439,7 @@ def openphenom_config(enc_dims: dict[str, int], dec_dims: dict[str, int] | None,
     m.max_channels = enc_dims["max_channels"]
     if dec_dims is None:
         if not 1 <= in_channels <= enc_dims["max_channels"]:
-            raise ConversionError(f"--in-channels {in_channels}: the encoder takes 1 to {enc_dims['max_channels']}")
+            raise ConversionError(f"--in_channels {in_channels}: the encoder takes 1 to {enc_dims['max_channels']}")
         m.in_channels = in_channels
         m.decoder_depth = 0
     else:
@@ -483,9 +483,9 @@ def convert_openphenom(weights: str, out: str | None = None, *, workdir: str | N
     if dec and decoder:
         dec_dims = decoder_dims(dec, weights)
         if dec_dims["width"] % decoder_heads:
-            told = snapshot_path if "decoder_heads" in from_snapshot else "--decoder-heads"
+            told = snapshot_path if "decoder_heads" in from_snapshot else "--decoder_heads"
             raise ConversionError(f"{weights}: the decoder's width {dec_dims['width']} is not a multiple of "
-                                  f"{decoder_heads} heads (from {told}); pass --decoder-heads N")
+                                  f"{decoder_heads} heads (from {told}); pass --decoder_heads N")
         flat.update(decoder_params(dec, dec_dims, enc_dims["width"], enc_dims["patch"], enc_dims["grid"],
                                    decoder_heads, cross_attention_heads, weights))
     config = openphenom_config(enc_dims, dec_dims, in_channels=in_channels, decoder_heads=decoder_heads,
@@ -540,23 +540,25 @@ def save_converted(out: str, model: nnx.Module, meta: dict[str, Any], config_pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m maejax.convert", description=__doc__.split("\n\n")[0])
+    parser = flags.ArgumentParser(prog="python -m maejax.convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="source", required=True)
     op = sub.add_parser("openphenom", help="OpenPhenom / maes_microscopy CA-MAE (safetensors or torch pickle)")
     op.add_argument("--weights", required=True,
                     help="Hugging Face snapshot folder (model.safetensors + config.json) or the weights file "
                          "(format detected from its first bytes)")
     where = op.add_mutually_exclusive_group(required=True)
-    where.add_argument("--workdir", help="new run directory: config.json + checkpoints/, what "
+    where.add_argument("--workdir", metavar="DIR", help="new run directory: config.json + checkpoints/, what "
                                          "`python -m eval.job --workdir DIR --dataset DATASET` evaluates")
     where.add_argument("--out", help=argparse.SUPPRESS)   # deprecated: the bare checkpoint directory
-    op.add_argument("--in-channels", type=int, default=6,
+    op.add_argument("--in_channels", deprecated="--in-channels", type=int, default=6,
                     help="training channels recorded in the config when the file has no decoder (default 6)")
-    op.add_argument("--encoder-only", action="store_true", help="ignore the decoder even if the file has one")
-    op.add_argument("--decoder-heads", type=int, default=None,
+    op.add_argument("--encoder_only", deprecated="--encoder-only", action="store_true",
+                    help="ignore the decoder even if the file has one")
+    op.add_argument("--decoder_heads", deprecated="--decoder-heads", type=int, default=None,
                     help="decoder self-attention heads (default: the snapshot config's, else OpenPhenom's 16)")
-    op.add_argument("--cross-attention-heads", type=int, default=8, help="decoder cross-attention heads (8)")
-    op.add_argument("--decoder-norm-eps", type=float, default=1e-5,
+    op.add_argument("--cross_attention_heads", deprecated="--cross-attention-heads", type=int, default=8,
+                    help="decoder cross-attention heads (8)")
+    op.add_argument("--decoder_norm_eps", deprecated="--decoder-norm-eps", type=float, default=1e-5,
                     help="decoder LayerNorm eps (OpenPhenom's HF model: torch default 1e-5)")
     args = parser.parse_args(argv)
     try:
@@ -575,8 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.workdir:
         print(f"evaluate every block: python -m eval.job --workdir {args.workdir} --dataset DATASET")
     else:   # said after the conversion, so that a failure stays one line
-        print(f"note: --out is deprecated: it wrote the bare checkpoint directory {args.out} (for eval.embed_arrays "
-              f"--checkpoint); --workdir DIR writes a run directory that python -m eval.job --workdir DIR evaluates",
+        print(f"note: --out is deprecated: it wrote the bare checkpoint directory {args.out} (eval.embed_arrays "
+              f"and eval.embed_job take it as --workdir); --workdir DIR writes a run directory that "
+              f"python -m eval.job --workdir DIR evaluates",
               file=sys.stderr)
     return 0
 

@@ -29,7 +29,6 @@ reads every record of such shards instead (Riegeli's chunk hashes are the check 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -42,6 +41,8 @@ from typing import Any
 
 import msgpack
 import numpy as np
+
+from maejax import flags
 
 # Metadata every record carries, with its type. Builders may add more keys (e.g. `cell_type`);
 # decoders keep unknown keys as they are.
@@ -273,11 +274,11 @@ def verify_dataset(dataset_dir: str | os.PathLike, threads: int | None = None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m maejax.records",
-                                     description="Checks a dataset directory's shards (module docstring).")
+    parser = flags.ArgumentParser(prog="python -m maejax.records",
+                                  description="Checks a dataset directory's shards (module docstring).")
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser("verify", help="every shard's size and SHA-256 against the manifest")
-    verify.add_argument("--dataset", required=True, help="dataset directory (holds manifest.json)")
+    verify.add_argument("--dataset", required=True, metavar="DIR", help="dataset directory (holds manifest.json)")
     verify.add_argument("--threads", type=int, default=None, help="shards hashed at once (default: min(8, CPUs))")
     args = parser.parse_args(argv)
     try:

@@ -210,7 +210,7 @@ def test_embed_arrays_writes_parquet_tables_per_block(setup, tmp_path, monkeypat
     assert outputs["blockwise_meanpool"].shape[:2] == (12, 2)
     # The command line, on these outputs (computed once above).
     monkeypatch.setattr(embed_arrays, "embed_arrays", lambda *a, **k: outputs)
-    embed_arrays.main(["--checkpoint", str(tmp_path / "ckpt"), "--images", str(tmp_path / "images.npy"),
+    embed_arrays.main(["--workdir", str(tmp_path / "ckpt"), "--images", str(tmp_path / "images.npy"),
                        "--out", str(tmp_path / "tables"), "--metadata", str(tmp_path / "meta.csv")])
     assert ("5 parquet tables (predict.parquet, forward_head.parquet, cls.parquet, block_01.parquet, "
             "block_02.parquet); not defined by this model: channelwise") in capsys.readouterr().out

@@ -50,9 +50,9 @@ def embed_golden_inputs(checkpoint, golden, tmp_path):
     out = {}
     for name, images in (("six", six), ("c4", np.ascontiguousarray(x[:, :4]))):
         np.save(tmp_path / f"{name}.npy", images)
-        embed_arrays.main(["--checkpoint", str(checkpoint), "--images", str(tmp_path / f"{name}.npy"),
-                           "--out", str(tmp_path / f"{name}.npz")])
-        out[name] = dict(np.load(tmp_path / f"{name}.npz"))
+        embed_arrays.main(["--workdir", str(checkpoint), "--images", str(tmp_path / f"{name}.npy"),
+                           "--out", str(tmp_path / name), "--format", "npz"])
+        out[name] = dict(np.load(tmp_path / name / embed_arrays.NPZ))
     split = {"c6": slice(0, 3), "c6perm": slice(3, 6), "edge": slice(6, 8)}
     result = {t: {k: v[s] for k, v in out["six"].items()} for t, s in split.items()}
     result["c4"] = out["c4"]

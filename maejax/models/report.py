@@ -14,10 +14,10 @@ Model defaults are those of `maejax.config.base()` (MAE decoder 512 x 8, mask 0.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any, Iterable
 
+from maejax import flags
 from maejax.config import base
 from maejax.models.flops import abstract_model, param_count
 
@@ -80,7 +80,7 @@ def _millions(n: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m maejax.models.report", description=__doc__.split("\n\n")[0])
+    parser = flags.ArgumentParser(prog="python -m maejax.models.report", description=__doc__.split("\n\n")[0])
     fmt = parser.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="one JSON list (default)")
     fmt.add_argument("--markdown", action="store_true", help="a markdown table")
