@@ -900,9 +900,10 @@ def apply_gpu_flags() -> str:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--out", required=True, help="folder for device_proof.json, device_proof.log and traces")
+    from maejax import flags
+    p = flags.ArgumentParser(description=__doc__.split("\n\n")[0],
+                             formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for device_proof.json, device_proof.log and traces")
     p.add_argument("--dry_run", action="store_true", help="CPU, tiny shapes, the same code paths")
     p.add_argument("--budget_s", type=float, default=0.0,
                    help="time budget of all sections together (default 480; a dry run 900: a loaded CPU "

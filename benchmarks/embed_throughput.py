@@ -2,7 +2,7 @@
 source with ViT-L/8 on 8 H100s from the FLOP count.
 
   python -m benchmarks.embed_throughput                       # this machine: ViT-S/16 MAE, 256 x 256 x 6
-  python -m benchmarks.embed_throughput --variant L/8 --dtype bfloat16 --batch 256   # on a GPU
+  python -m benchmarks.embed_throughput --variant L/8 --dtype bfloat16 --batch_size 256   # on a GPU
 
 Measured, on whatever devices jax sees (all local devices, data-parallel, random weights):
   forward   `eval.embed.Embedder` on device-ready uint8 batches, every block's pooled features back on the
@@ -141,13 +141,15 @@ def projection(target_variant: str, crop: int, channels: int, gpus: int, mfu: fl
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from maejax import flags
+    p = flags.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", default="S/16", help="model measured here (ViT NAME/PATCH)")
     p.add_argument("--model", default="mae", choices=("mae", "ca_mae"))
     p.add_argument("--dtype", default="float32", help="compute dtype of the measured model (bfloat16 on GPUs)")
-    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--crop_size", deprecated="--crop", type=int, default=256)
     p.add_argument("--channels", type=int, default=6)
-    p.add_argument("--batch", type=int, default=16, help="crops per forward pass (all local devices)")
+    p.add_argument("--batch_size", deprecated="--batch", type=int, default=16,
+                   help="crops per forward pass (all local devices)")
     p.add_argument("--batches", type=int, default=4, help="timed batches")
     p.add_argument("--job_crops", type=int, default=64, help="crops of the end-to-end embed_job run (0: skip)")
     p.add_argument("--target", default="L/8", help="variant of the projection")
@@ -155,7 +157,7 @@ def main(argv=None) -> dict:
     p.add_argument("--peak_tflops", type=float, default=0.0, help="default: H100 SXM dense bf16 (maejax.mfu)")
     p.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOP utilisation of the projection")
     p.add_argument("--jump_plates", type=int, default=300, help="plates of the JUMP-CP source projected")
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results here")
     a = p.parse_args(argv)
 
     import jax
@@ -163,12 +165,12 @@ def main(argv=None) -> dict:
     from maejax import mfu as mfu_lib
     dev = jax.devices()[0]
     cfg = model_config(a.variant, a.channels, a.dtype, a.model)
-    flops = infer_flops(cfg, a.crop)
+    flops = infer_flops(cfg, a.crop_size)
     model = random_model(cfg)
     print(f"device: {jax.device_count()} x {dev.platform} ({dev.device_kind}), {os.cpu_count()} CPU cores; "
-          f"measured model: {a.model} {a.variant} {a.dtype}, {a.crop} x {a.crop} x {a.channels} crops, "
+          f"measured model: {a.model} {a.variant} {a.dtype}, {a.crop_size} x {a.crop_size} x {a.channels} crops, "
           f"{flops / 1e9:.2f} GFLOP per crop (analytic, inference)", flush=True)
-    fwd = measure_forward(model, a.batch, a.crop, a.channels, a.batches)
+    fwd = measure_forward(model, a.batch_size, a.crop_size, a.channels, a.batches)
     achieved = fwd["crops_per_s"] * flops
     peak = mfu_lib.peak_flops(dev.device_kind)
     line = (f"forward: {fwd['crops_per_s']:.2f} crops/s (batch {fwd['batch']}, {fwd['batches']} batches in "
@@ -182,12 +184,12 @@ def main(argv=None) -> dict:
         line += f" = {fwd['of_matmul']:.0%} of a measured float32 1024^3 matmul ({matmul / 1e9:.1f} GFLOP/s)"
     print(line, flush=True)
     out = {"device": {"platform": dev.platform, "kind": dev.device_kind, "count": jax.device_count()},
-           "measured_model": {"model": a.model, "variant": a.variant, "dtype": a.dtype, "crop": a.crop,
+           "measured_model": {"model": a.model, "variant": a.variant, "dtype": a.dtype, "crop": a.crop_size,
                               "channels": a.channels, "infer_gflops_per_crop": flops / 1e9},
            "forward": fwd}
     if a.job_crops:
         with tempfile.TemporaryDirectory(prefix="embed_bench_") as work:
-            job = measure_job(model, cfg, a.job_crops, a.crop, a.channels, a.batch, work)
+            job = measure_job(model, cfg, a.job_crops, a.crop_size, a.channels, a.batch_size, work)
         out["job"] = job
         print(f"embed_job end to end: {job['crops']} crops in {job['seconds']:.1f} s (with model load and compile); "
               f"{job['loop_crops_per_s']:.2f} crops/s in its loop (read, forward, parquet for all "

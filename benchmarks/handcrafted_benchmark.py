@@ -1,6 +1,6 @@
 """Throughput of the hand-crafted baseline features on synthetic 6-channel crops.
 
-  python -m benchmarks.handcrafted_benchmark [--crops 4000 --size 64 --channels 6 --batch 1000]
+  python -m benchmarks.handcrafted_benchmark [--crops 4000 --crop_size 64 --channels 6 --batch_size 1000]
 
 Crops have 0-12 elliptical nuclei in channel 0 (Otsu segmentation has real objects to label) and
 textured noise in every channel. Prints crops/s per batch size; asserts nothing about time.
@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from eval import handcrafted
+from maejax import flags
 
 
 def synthetic_crops(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
@@ -28,20 +29,21 @@ def synthetic_crops(n: int, size: int, channels: int, seed: int = 0) -> np.ndarr
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--crops", type=int, default=4000)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--crop_size", deprecated="--size", type=int, default=64)
     p.add_argument("--channels", type=int, default=6)
-    p.add_argument("--batch", type=int, nargs="+", default=[250, 1000, 4000])
+    p.add_argument("--batch_size", deprecated="--batch", type=int, nargs="+", default=[250, 1000, 4000],
+                   help="one measurement per batch size")
     args = p.parse_args(argv)
-    images = synthetic_crops(args.crops, args.size, args.channels)
+    images = synthetic_crops(args.crops, args.crop_size, args.channels)
     handcrafted.handcrafted_features(images[:8])                        # warm-up
-    for batch in args.batch:
+    for batch in args.batch_size:
         start = time.perf_counter()
         for i in range(0, args.crops, batch):
             feats, names = handcrafted.handcrafted_features(images[i:i + batch])
         dt = time.perf_counter() - start
-        print(f"batch {batch:5d}: {args.crops} crops of {args.channels}x{args.size}x{args.size} in "
+        print(f"batch {batch:5d}: {args.crops} crops of {args.channels}x{args.crop_size}x{args.crop_size} in "
               f"{dt:.2f} s = {args.crops / dt:,.0f} crops/s ({len(names)} features)")
 
 

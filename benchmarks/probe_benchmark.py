@@ -1,7 +1,7 @@
 """Block-wise linear probe benchmark: every block of a ViT-G/8 probed at once.
 
   python -m benchmarks.probe_benchmark        # 48 blocks x 20k samples x 1664 dims, 1,138 classes
-  python -m benchmarks.probe_benchmark --blocks 4 --samples 4000 --features 256 --classes 100
+  python -m benchmarks.probe_benchmark --blocks 4 --samples 4000 --num_features 256 --classes 100
 
 Synthetic features whose class signal grows with depth until block 3/4 of the stack, then fades
 (so the best block is not the last). 60/20/20 split by held-out wells (4 samples per well).
@@ -22,6 +22,7 @@ import pandas as pd
 
 from benchmarks.map_benchmark import reset_peak_rss, rss_mib
 from eval import probe
+from maejax import flags
 
 
 def make_stack(blocks: int, samples: int, features: int, classes: int, seed: int = 0):
@@ -56,19 +57,19 @@ def baseline_ridge(x, labels, train, val, test, l2_grid, classes):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--blocks", type=int, default=48)
     p.add_argument("--samples", type=int, default=20000)
-    p.add_argument("--features", type=int, default=1664)
+    p.add_argument("--num_features", deprecated="--features", type=int, default=1664)
     p.add_argument("--classes", type=int, default=1138)
     p.add_argument("--baseline_blocks", type=int, default=1)
     p.add_argument("--logistic_blocks", type=int, default=0)
     p.add_argument("--logistic_steps", type=int, default=100)
-    p.add_argument("--out", default=None)
+    p.add_argument("--json", deprecated="--out", default=None, metavar="FILE", help="also write the figures here")
     args = p.parse_args(argv)
 
     t = time.perf_counter()
-    stack, labels, (train, val, test), peak = make_stack(args.blocks, args.samples, args.features,
+    stack, labels, (train, val, test), peak = make_stack(args.blocks, args.samples, args.num_features,
                                                          args.classes)
     print(f"stack {stack.shape} float32 ({stack.nbytes / 2**30:.2f} GiB), {args.classes} classes, "
           f"train/val/test {train.sum()}/{val.sum()}/{test.sum()}, signal peaks at block {peak}; "
@@ -111,8 +112,8 @@ def main(argv=None) -> dict:
               f"{args.logistic_steps} full-batch Adam steps in {logit_s:.1f} s; test "
               f"{np.round(logit.test.astype(float), 3).tolist()} (ridge "
               f"{np.round(report.test[:args.logistic_blocks].astype(float), 3).tolist()})")
-    if args.out:
-        with open(args.out, "w") as f:
+    if args.json:
+        with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)
     return summary
 

@@ -4,7 +4,7 @@ one held-out screen.
 
   python -m maejax.train --config configs/scaling.py:variant=S/8,depth=6,data=small,root=runs/scaling \
       --workdir runs/scaling/S8d6-small
-  python -m launch.scaling_sweep --root runs/scaling        # datasets, every run, evals, table and plot
+  python -m launch.scaling_sweep --out runs/scaling         # datasets, every run, evals, table and plot
 
 Arguments: variant (ViT NAME/PATCH), depth (0 = the variant's), data (small | large), root, steps.
 

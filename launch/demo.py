@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from eval import job, screen
-from maejax import config as config_lib
+from maejax import config as config_lib, flags
 from maejax.resume import ConfigChangeError
 from maejax.train import train
 
@@ -234,8 +234,8 @@ def plot(report: dict, path: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="runs/demo")
+    ap = flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", default="runs/demo", metavar="DIR", help="run directory (its dataset/ included)")
     ap.add_argument("--preset", default="demo", help="synthetic-screen and config preset (demo | fast | tiny)")
     ap.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     ap.add_argument("--seed", type=int, default=0, help="the screen's and the training's seed")

@@ -1,10 +1,10 @@
 """The scaling sweep, end to end: synthetic screens -> one training run per (model, dataset size) -> eval of
 every run on the same held-out screen -> baselines -> table and plot (eval/scaling.py).
 
-  python -m launch.scaling_sweep [--root runs/scaling] [--models mu/8 Ti/8:6 S/8:6] [--data small large]
+  python -m launch.scaling_sweep [--out runs/scaling] [--models mu/8 Ti/8:6 S/8:6] [--data small large]
       [--steps 300]
 
-Models are `VARIANT[:DEPTH]` (configs/scaling.py); runs go to `<root>/<variant><d depth>-<data>`, e.g.
+Models are `VARIANT[:DEPTH]` (configs/scaling.py); runs go to `<out>/<variant><d depth>-<data>`, e.g.
 `runs/scaling/S8d6-large`. Re-running resumes: existing datasets, finished runs and eval reports are reused.
 Baselines on the eval screen: hand-crafted features and the middle model of --models untrained.
 """
@@ -18,7 +18,7 @@ import time
 
 from configs import scaling as sweep
 from eval import job, scaling
-from maejax import config as config_lib
+from maejax import config as config_lib, flags
 from maejax.checkpoint import Checkpoints, run_checkpoint_dir
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "scaling.py")
@@ -94,13 +94,14 @@ def run_sweep(root: str, models: list[str], datasets: list[str], steps: int) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default="runs/scaling")
+    ap = flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", deprecated="--root", default="runs/scaling", metavar="DIR",
+                    help="the sweep's directory: datasets/, one run directory per point, baselines/, summary/")
     ap.add_argument("--models", nargs="+", default=["mu/8", "Ti/8:6", "S/8:6"], metavar="VARIANT[:DEPTH]")
     ap.add_argument("--data", nargs="+", default=["small", "large"], choices=[d for d in sweep.DATASETS if d != "eval"])
     ap.add_argument("--steps", type=int, default=300)
     a = ap.parse_args()
-    run_sweep(a.root, a.models, a.data, a.steps)
+    run_sweep(a.out, a.models, a.data, a.steps)
 
 
 if __name__ == "__main__":
