@@ -1,8 +1,8 @@
 """A crop dataset directory as a tensorflow-datasets dataset: ArrayRecord files, no TensorFlow needed.
 
-    python -m data.tfds_crops --dataset /data/crops/rxrx1 --data-dir ~/tensorflow_datasets
+    python -m data.tfds_crops --dataset /data/crops/rxrx1 --out ~/tensorflow_datasets
 
-writes `<data-dir>/maejax_crops/<name>/1.0.0/` (name: the manifest's, or --name). Then, in any process
+writes `<out>/maejax_crops/<name>/1.0.0/` (--out is the TFDS data_dir) (name: the manifest's, or --name). Then, in any process
 and without importing this module:
 
     src = tfds.data_source("maejax_crops/rxrx1", data_dir=..., split="train")  # or builder_from_directory
@@ -11,7 +11,7 @@ and without importing this module:
 
 Every record becomes one example (image, channel names, every metadata column; text as bytes); the
 source manifest is kept in the TFDS metadata (`builder.info.metadata["manifest"]`). TFDS orders
-examples by a hash of their key, so use `record_id` to join back to `metadata.parquet`. `--split-column
+examples by a hash of their key, so use `record_id` to join back to `metadata.parquet`. `--split_col
 dataset` makes one split per value of that column (e.g. RxRx1's train/test) instead of one `train`.
 
 Features avoid `tfds.features.Image`, which needs TensorFlow and at most 4 channels (stack.md P11);
@@ -19,7 +19,6 @@ the builder class is not registered, so reading never needs this module (stack.m
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 import tensorflow_datasets as tfds
 
+from maejax import flags
 from maejax.input_pipeline import Dataset, open_dataset
 
 NAME = "maejax_crops"
@@ -112,16 +112,18 @@ def prepare(dataset: str | os.PathLike, data_dir: str | os.PathLike, *, name: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, help="crop dataset directory (has manifest.json)")
-    parser.add_argument("--data-dir", required=True, help="TFDS data_dir to write into")
+    parser = flags.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, metavar="DIR", help="crop dataset directory (has manifest.json)")
+    parser.add_argument("--out", deprecated="--data-dir", required=True, metavar="DIR",
+                        help="TFDS data_dir to write into")
     parser.add_argument("--name", help="config name (default: the manifest's name)")
-    parser.add_argument("--split-column", help="one split per value of this metadata column (default: train)")
+    parser.add_argument("--split_col", deprecated="--split-column",
+                        help="one split per value of this metadata column (default: train)")
     args = parser.parse_args(argv)
-    builder = prepare(args.dataset, args.data_dir, name=args.name, split_column=args.split_column)
+    builder = prepare(args.dataset, args.out, name=args.name, split_column=args.split_col)
     splits = {k: v.num_examples for k, v in builder.info.splits.items()}
     print(f"wrote {builder.data_dir}: {json.dumps(splits)}; read with "
-          f"tfds.data_source({NAME + '/' + builder.builder_config.name!r}, data_dir={str(args.data_dir)!r}, split=...)")
+          f"tfds.data_source({NAME + '/' + builder.builder_config.name!r}, data_dir={str(args.out)!r}, split=...)")
     return 0
 
 
