@@ -43,7 +43,7 @@ from flax import nnx
 from eval import screen
 from eval.annotations import find_annotations
 from eval.embed import Embedder
-from maejax import config as config_lib, sharding as shd, state as state_lib
+from maejax import config as config_lib, flags, sharding as shd, state as state_lib
 from maejax.checkpoint import CheckpointMismatchError, Checkpoints, NoCheckpointError, run_checkpoint_dir
 from maejax.input_pipeline import iterate_records
 
@@ -298,13 +298,15 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
 
 def main(argv: list[str] | None = None) -> None:
     argv, eval_overrides = config_lib.parse_override_flags(sys.argv[1:] if argv is None else argv, only="eval")
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True, help="training run directory (its config.json says where the checkpoints are)")
-    ap.add_argument("--dataset", default=None, help="dataset directory (default: the one it was trained on)")
+    ap = flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True, metavar="DIR",
+                    help="training run directory (its config.json says where the checkpoints are)")
+    ap.add_argument("--dataset", default=None, metavar="DIR",
+                    help="dataset directory (default: the one it was trained on)")
     ap.add_argument("--annotations", default=None, metavar="DIR",
                     help="relationship tables <Source>.txt (default: eval.annotations; '' = <dataset>/annotations, "
                          "else the EFAAR 1.0 tables of the installed efaar_benchmarking package)")
-    ap.add_argument("--out", default=None, help="output directory (default: <workdir>/eval/<features>)")
+    ap.add_argument("--out", default=None, metavar="DIR", help="output directory (default: <workdir>/eval/<features>)")
     ap.add_argument("--features", default="mae", choices=FEATURES)
     ap.add_argument("--batch_size", type=int, default=None)
     ap.add_argument("--tasks", nargs="+", default=None, metavar="NAME[:KEY=VALUE,...]",
