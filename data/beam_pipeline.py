@@ -14,10 +14,10 @@ It runs the same code as the local driver (data/crop_builder.py), so the output 
                plate, under <out>/_plan/) and build.json, so workers never get the site list inline
     levels     one element per plate -> `plate_levels` -> conversion.json (16-bit sources only)
     shards     one element per unfinished shard -> `build_shard` in a local temporary folder ->
-               copied to <out> (ArrayRecord file first, its size and SHA-256 in
-               `_shards/<shard>.digest.json`, then `_shards/<shard>.parquet`, the marker)
+               copied to <out> in the order of `crop_builder.shard_files` (its list of bad sites, the
+               ArrayRecord file, its size and SHA-256, then `_shards/<shard>.parquet`, the marker)
     finish     metadata table and manifest (written last, with every shard's size and SHA-256), plan
-               and markers removed
+               and markers removed: the local driver's `crop_builder.finish`, on this Store
 
 `--out` may be any Beam filesystem path (local, gs://, s3://, hdfs://); source tables are read by the
 launcher and images by the workers, so both need the source on a shared mount (or image paths that
@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
-import io
 import json
 import os
 import pickle
@@ -39,24 +38,21 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
-import pandas as pd
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from data import conversion, crop_builder
-from data.crop_builder import (BAD_SITES_FILE, DIGEST_SUFFIX, SHARD_DIR, SPEC_FILE, BuildError, BuildOptions, Plan,
-                               Source)
+from data.crop_builder import PLAN_DIR, SHARD_DIR, SPEC_FILE, BuildError, BuildOptions, Plan, Source
 from data.sources import cli
 from maejax.records import LAYOUT
 
-PLAN_DIR = "_plan"
 SOURCES = ("rxrx1", "rxrx3_core", "jump_cp", "generic")
 _RAW = CompressionTypes.UNCOMPRESSED  # never guess compression from a file name (.gz tables, ...)
 
 
 class Store:
-    """Files under one root on any Beam filesystem."""
+    """Files under one root on any Beam filesystem (the methods of crop_builder.LocalFiles, and `put`)."""
 
     def __init__(self, root: str):
         self.root = str(root).rstrip("/")
@@ -153,34 +149,9 @@ class _BuildShard(beam.DoFn):
         with tempfile.TemporaryDirectory() as tmp:
             task = crop_builder.shard_task(self.plan, shard, sites, levels, self.options, tmp)
             result = crop_builder.build_shard(task)
-            local = Path(tmp)
-            if result.kept:
-                store.put(local / name, name)
-            store.put(local / SHARD_DIR / f"{name}.bad.json", f"{SHARD_DIR}/{name}.bad.json")
-            if result.kept:
-                store.put(local / SHARD_DIR / f"{name}{DIGEST_SUFFIX}", f"{SHARD_DIR}/{name}{DIGEST_SUFFIX}")
-            if result.kept:  # the marker, last
-                store.put(local / SHARD_DIR / f"{name}.parquet", f"{SHARD_DIR}/{name}.parquet")
+            for rel in crop_builder.shard_files(name, result.kept):   # in order: the marker last
+                store.put(Path(tmp) / rel, rel)
         yield result
-
-
-def _finish(results: list, out: str, plan: Plan, options: BuildOptions) -> int:
-    store = Store(out)
-    failed = [r for r in results if not r.kept]
-    if failed:
-        bad = sorted((b for r in failed for b in r.bad_sites), key=lambda b: b["site"])
-        store.write(BAD_SITES_FILE, (json.dumps(bad, indent=1) + "\n").encode())
-        raise BuildError(crop_builder.failure_summary(bad, store.path(BAD_SITES_FILE), len(failed), plan.num_shards))
-    tables = [pd.read_parquet(io.BytesIO(store.read(f"{SHARD_DIR}/{n}.parquet"))) for n in plan.shard_names]
-    skipped = [b for n in plan.shard_names for b in json.loads(store.read(f"{SHARD_DIR}/{n}.bad.json"))]
-    levels = store.read(conversion.LEVELS_FILE) if plan.converted else None
-    digests = {n: (json.loads(store.read(f"{SHARD_DIR}/{n}{DIGEST_SUFFIX}"))
-                   if store.exists(f"{SHARD_DIR}/{n}{DIGEST_SUFFIX}") else store.digest(n))  # older resumed build
-               for n in plan.shard_names}
-    for rel, content in crop_builder.finished_files(plan, options, tables, skipped, levels, out, digests).items():
-        store.write(rel, content)  # manifest last
-    store.delete(SHARD_DIR, PLAN_DIR, SPEC_FILE, BAD_SITES_FILE)
-    return sum(len(t) for t in tables)
 
 
 def _write_levels(levels: dict, out: str, plan: Plan, options: BuildOptions) -> dict:
@@ -212,8 +183,8 @@ def build_pipeline(pipeline: beam.Pipeline, source: Source, out: str, options: B
             | "SpreadShards" >> beam.Reshuffle()
             | "BuildShard" >> beam.ParDo(_BuildShard(out, light, options), levels=beam.pvalue.AsSingleton(levels))
             | "AllShards" >> beam.combiners.ToList()
-            | "Finish" >> beam.Map(lambda results: _finish(
-                results + [crop_builder.ShardResult(s, True, -1, []) for s in done], out, light, options)))
+            | "Finish" >> beam.Map(lambda results: crop_builder.finish(
+                Store(out), light, options, results + [crop_builder.ShardResult(s, True, -1, []) for s in done])[0]))
 
 
 def run(source: Source, out: str, options: BuildOptions, pipeline_args: list[str] | None = None) -> None:

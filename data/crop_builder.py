@@ -7,7 +7,8 @@
     shards  one task per shard, across worker processes: read and check every site, convert,
             crop (data/cropping.py), write (data/arrayrecord_writer.write_shard), then the shard's
             size and SHA-256 (`_shards/<shard file>.digest.json`, for the manifest)
-    finish  metadata table + manifest (arrayrecord_writer.dataset_files); rename into place
+    finish  metadata table + manifest (arrayrecord_writer.dataset_files), the build's bookkeeping
+            removed (`finish`, which the Beam pipeline runs too); rename into place
 
 The build runs in `.<out name>.build/` next to `out`. A shard is finished once its metadata rows
 (`_shards/<shard file>.parquet`) exist, written after its ArrayRecord file: a re-run with the same
@@ -32,13 +33,13 @@ import abc
 import collections
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import multiprocessing
 import os
 import queue
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -60,6 +61,7 @@ SPEC_FILE = "build.json"
 SHARD_DIR = "_shards"
 DIGEST_SUFFIX = ".digest.json"   # _shards/<shard file>.digest.json: {"bytes", "sha256"} of a finished shard
 BAD_SITES_FILE = "bad_sites.json"
+PLAN_DIR = "_plan"     # the Beam launcher's plan files (data/beam_pipeline.py); a local build has none
 PROBE_SITES = 20       # sites tried to find a readable one that fixes the format
 SUMMARY_LINES = 40     # bad files printed in a failure summary; all go to BAD_SITES_FILE
 
@@ -205,28 +207,11 @@ def build_dataset(source: Source, out_dir: str | os.PathLike, options: BuildOpti
         results = workers.run(build_shard, tasks, bar)
         bar.close()
 
-    failed = [r for r in results if not r.kept]
-    if failed:
-        bad = sorted((b for r in failed for b in r.bad_sites), key=lambda b: b["site"])
-        _write_json(work_dir / BAD_SITES_FILE, bad)
-        raise BuildError(failure_summary(bad, work_dir / BAD_SITES_FILE, len(failed), plan.num_shards))
-    tables = [pd.read_parquet(work_dir / SHARD_DIR / f"{name}.parquet") for name in plan.shard_names]
-    skipped = [b for name in plan.shard_names
-               for b in json.loads((work_dir / SHARD_DIR / f"{name}.bad.json").read_text())]
-    levels_file = work_dir / conversion.LEVELS_FILE
-    digests = {name: _local_digest(work_dir, name) for name in plan.shard_names}
-    files = finished_files(plan, options, tables, skipped, levels_file.read_bytes() if levels_file.exists() else None,
-                           where=str(work_dir), digests=digests)
-    for rel_path, content in files.items():  # manifest last
-        (work_dir / rel_path).parent.mkdir(parents=True, exist_ok=True)
-        (work_dir / rel_path).write_bytes(content)
-    shutil.rmtree(work_dir / SHARD_DIR)
-    (work_dir / SPEC_FILE).unlink()
-    (work_dir / BAD_SITES_FILE).unlink(missing_ok=True)
+    num_records, skipped = finish(LocalFiles(work_dir), plan, options, results)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # check_writable allowed it: overwrite of a dataset, or an empty directory
     work_dir.rename(out_dir)
-    return BuildReport(out_dir, len(plan.sites), int(sum(len(t) for t in tables)), skipped, len(tasks), len(done),
+    return BuildReport(out_dir, len(plan.sites), num_records, skipped, len(tasks), len(done),
                        time.perf_counter() - start)
 
 
@@ -280,22 +265,31 @@ def probe_format(sites: Sequence[Site], source: Source, options: BuildOptions) -
 
 
 def build_shard(task: ShardTask, report: Callable[..., None] = lambda n, **notes: None) -> ShardResult:
-    """Reads, converts, crops and writes one shard; keeps it unless it has bad sites and skipping is off."""
+    """Reads, converts, crops and writes one shard; keeps it unless it has bad sites and skipping is off.
+    Its files (`shard_files`) are written in their order, the marker last."""
     work_dir = Path(task.work_dir)
     name = shard_file_names(task.num_shards)[task.shard]
+    bad_list, shard, digest, marker = (work_dir / rel for rel in shard_files(name))
     bad: list[dict[str, Any]] = []
     tmp_path = work_dir / f"{name}.tmp"
     rows, _ = write_shard(tmp_path, task.shard, _crops(task, bad, report), list(task.channels))
-    _write_json(work_dir / SHARD_DIR / f"{name}.bad.json", bad)
+    _write_json(bad_list, bad)
     if bad and not task.skip_bad_sites:
         tmp_path.unlink()
         return ShardResult(task.shard, kept=False, num_records=0, bad_sites=bad)
-    os.replace(tmp_path, work_dir / name)
-    _write_json(work_dir / SHARD_DIR / f"{name}{DIGEST_SUFFIX}", records.shard_digest(work_dir / name))
-    marker = work_dir / SHARD_DIR / f"{name}.parquet"
+    os.replace(tmp_path, shard)
+    _write_json(digest, records.shard_digest(shard))
     pd.DataFrame(rows).to_parquet(marker.with_suffix(".tmp"), index=False)
     os.replace(marker.with_suffix(".tmp"), marker)  # the shard is finished from here on
     return ShardResult(task.shard, kept=True, num_records=len(rows), bad_sites=bad)
+
+
+def shard_files(name: str, kept: bool = True) -> list[str]:
+    """A shard's files in the build folder, in the order they are written: its list of bad sites, the
+    ArrayRecord file, its size and SHA-256, and last its metadata rows, which mark it finished. A shard
+    that is not kept (bad sites, no skipping) leaves its list of bad sites alone."""
+    files = [f"{SHARD_DIR}/{name}.bad.json", name, f"{SHARD_DIR}/{name}{DIGEST_SUFFIX}", f"{SHARD_DIR}/{name}.parquet"]
+    return files if kept else files[:1]
 
 
 def _crops(task: ShardTask, bad: list, report) -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
@@ -382,10 +376,61 @@ def _levels_for(levels: dict, sites: Sequence[Site]) -> dict:
     return {key: levels[key] for key in {s.plate_key for s in sites} if key in levels}
 
 
-def _local_digest(work_dir: Path, name: str) -> dict[str, Any]:
-    """A finished shard's size and SHA-256 (hashed now when an older build, being resumed, did not record it)."""
-    path = work_dir / SHARD_DIR / f"{name}{DIGEST_SUFFIX}"
-    return json.loads(path.read_text()) if path.exists() else records.shard_digest(work_dir / name)
+class LocalFiles:
+    """A build folder on the local disk, read and written by `finish` (data/beam_pipeline.py's Store has the
+    same methods on any Beam filesystem); paths are relative to the folder."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def path(self, rel: str) -> str:
+        return str(self.root / rel)
+
+    def exists(self, rel: str) -> bool:
+        return (self.root / rel).exists()
+
+    def read(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    def write(self, rel: str, data: bytes) -> None:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def digest(self, rel: str) -> dict[str, Any]:
+        return records.shard_digest(self.root / rel)
+
+    def delete(self, *rels: str) -> None:
+        for rel in rels:
+            path = self.root / rel
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def finish(files, plan: Plan, options: BuildOptions, results: Sequence[ShardResult]) -> tuple[int, list[dict]]:
+    """The last step of a build, local or Beam, once every shard has run (`results`, one per shard; `files`:
+    LocalFiles or beam_pipeline.Store over the build folder). A shard that was not kept stops the build:
+    every bad site goes to BAD_SITES_FILE and BuildError says what to do. Otherwise the metadata table,
+    conversion.json and the manifest (last) are written from the shards' metadata rows, bad-site lists and
+    digests, and the build's bookkeeping is removed. Returns (records written, skipped sites)."""
+    failed = [r for r in results if not r.kept]
+    if failed:
+        bad = sorted((b for r in failed for b in r.bad_sites), key=lambda b: b["site"])
+        files.write(BAD_SITES_FILE, _json_bytes(bad))
+        raise BuildError(failure_summary(bad, files.path(BAD_SITES_FILE), len(failed), plan.num_shards))
+    shards = [shard_files(name) for name in plan.shard_names]
+    tables = [pd.read_parquet(io.BytesIO(files.read(marker))) for *_, marker in shards]
+    skipped = [b for bad_list, *_ in shards for b in json.loads(files.read(bad_list))]
+    # an older build being resumed did not record its finished shards' digests: hash them now
+    digests = {shard: json.loads(files.read(digest)) if files.exists(digest) else files.digest(shard)
+               for _, shard, digest, _ in shards}
+    levels = files.read(conversion.LEVELS_FILE) if plan.converted else None
+    for rel, content in finished_files(plan, options, tables, skipped, levels, str(files.root), digests).items():
+        files.write(rel, content)  # manifest last
+    files.delete(SHARD_DIR, PLAN_DIR, SPEC_FILE, BAD_SITES_FILE)
+    return int(sum(len(t) for t in tables)), skipped
 
 
 def finished_files(plan: Plan, options: BuildOptions, tables: list[pd.DataFrame], skipped: list[dict],
@@ -452,10 +497,14 @@ def failure_summary(bad: list[dict], listing: Path | str, failed_shards: int, nu
     return "\n".join(lines)
 
 
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=1) + "\n").encode()
+
+
 def _write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    tmp.write_bytes(_json_bytes(value))
     os.replace(tmp, path)
 
 

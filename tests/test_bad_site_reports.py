@@ -81,7 +81,8 @@ def test_skip_bad_sites_lists_them_and_reuses_finished_shards(damaged):
     assert not list(out.parent.glob(".out.build*"))
 
 
-def test_killed_build_resumes_to_the_same_dataset(tmp_path, monkeypatch):
+@pytest.mark.parametrize("digests_recorded", [True, False], ids=["digests recorded", "started before shards recorded digests"])
+def test_killed_build_resumes_to_the_same_dataset(tmp_path, monkeypatch, digests_recorded):
     root = fake_screens.rxrx1(tmp_path / "src")
     reference = build_dataset(RxRx1(root), tmp_path / "reference", OPTIONS)
     real_read, calls = crop_builder.read_site, []
@@ -96,10 +97,17 @@ def test_killed_build_resumes_to_the_same_dataset(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_dataset(RxRx1(root), tmp_path / "out", OPTIONS)
     monkeypatch.setattr(crop_builder, "read_site", real_read)
+    if not digests_recorded:   # the finished shards are hashed when the build finishes
+        digests = list((tmp_path / ".out.build" / crop_builder.SHARD_DIR).glob(f"*{crop_builder.DIGEST_SUFFIX}"))
+        assert len(digests) == 2
+        for digest in digests:
+            digest.unlink()
     report = build_dataset(RxRx1(root), tmp_path / "out", OPTIONS)
     assert (report.shards_built, report.shards_reused) == (2, 2)  # sites 0-11 were in finished shards 0 and 1
     for name in [f"crops-0000{i}-of-00004.array_record" for i in range(4)] + ["metadata.parquet"]:
         assert (report.path / name).read_bytes() == (reference.path / name).read_bytes(), name
+    shards = lambda path: json.loads((path / "manifest.json").read_text())["shards"]  # noqa: E731
+    assert shards(report.path) == shards(reference.path)   # every shard's size and SHA-256
 
 
 def test_changed_options_do_not_mix_into_an_unfinished_build(damaged):
