@@ -1,13 +1,13 @@
 """Crops/s delivered to the trainer from an ArrayRecord crop dataset vs. a PIL loader over per-channel PNGs.
 
-    python -m benchmarks.input_pipeline --work-dir /tmp/bench_png --repeats 3
+    python -m benchmarks.input_pipeline --cache_dir /tmp/bench_png --repeats 3
 
-Setup (cached in --work-dir): the synthetic screen renders --sites 512x512 sites, which are written in
+Setup (cached in --cache_dir): the synthetic screen renders --sites 512x512 sites, which are written in
 the RxRx1 layout (metadata.csv + images/{experiment}/Plate{p}/{well}_s{site}_w{1..6}.png, 8-bit), and
 `data.sources.rxrx1` builds the ArrayRecord dataset from those files (256 px tiles, 4 per site).
 
 Both loaders deliver the same thing, batch after batch: for a shuffled record, its 6x256x256 tile,
-a random --crop-size crop, random flips and quarter turns, self-standardisation, batched.
+a random --crop_size crop, random flips and quarter turns, self-standardisation, batched.
 - ArrayRecord: `maejax.input_pipeline.make_train_iterator` (the trainer's own pipeline).
 - PIL baseline: the same grain pipeline shape, but each element opens the site's 6 PNGs with PIL (as a
   PNG-per-channel loader must: PNG cannot decode a window) and cuts the record's tile from them.
@@ -16,7 +16,6 @@ Each runs with 0, 1 and 2 worker processes; throughput is steady state (after --
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -27,7 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from maejax import records
+from maejax import flags, records
 from maejax.input_pipeline import make_train_iterator, open_dataset
 from maejax.preprocess import self_standardize
 
@@ -123,21 +122,22 @@ def measure(iterator, batch_size: int, warmup: int, seconds: float) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default="/tmp/maejax_input_bench", help="cache of the PNG screen and dataset")
+    parser = flags.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache_dir", deprecated="--work-dir", default="/tmp/maejax_input_bench", metavar="DIR",
+                        help="cache of the PNG screen and dataset")
     parser.add_argument("--sites", type=int, default=200)
     parser.add_argument("--workers", default="0,1,2")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--crop-size", type=int, default=224)
+    parser.add_argument("--batch_size", deprecated="--batch-size", type=int, default=32)
+    parser.add_argument("--crop_size", deprecated="--crop-size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from absl import flags  # grain workers read absl flags (stack.md P3)
-    flags.FLAGS.mark_as_parsed()
+    from absl import flags as absl_flags  # grain workers read absl flags (stack.md P3)
+    absl_flags.FLAGS.mark_as_parsed()
 
-    work = Path(args.work_dir)
+    work = Path(args.cache_dir)
     start = time.perf_counter()
     png_root = make_png_screen(work / "rxrx1_png", args.sites, args.seed)
     setup = time.perf_counter() - start

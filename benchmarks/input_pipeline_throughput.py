@@ -8,9 +8,9 @@ Prints, per worker count, the time to the first batch and the steady-state batch
 """
 from __future__ import annotations
 
-import argparse
 import time
 
+from maejax import flags
 from maejax.input_pipeline import make_train_iterator, open_dataset
 
 
@@ -31,11 +31,11 @@ def measure(dataset, workers: int, batch_size: int, crop_size: int, warmup: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True)
+    parser = flags.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True, metavar="DIR")
     parser.add_argument("--workers", default="0,1", help="comma-separated worker counts; the first is the baseline")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--crop-size", type=int, default=64)
+    parser.add_argument("--batch_size", deprecated="--batch-size", type=int, default=64)
+    parser.add_argument("--crop_size", deprecated="--crop-size", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batches", type=int, default=100)
     args = parser.parse_args()

@@ -40,7 +40,8 @@ def gpu_env() -> dict[str, str]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from maejax import flags
+    p = flags.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="config file[:arg], as for maejax.train; override its keys with "
                                                    "--config.KEY=VALUE")
     p.add_argument("--compare", action="store_true", help="starts a further run: the --config.KEY=VALUE flags after "
