@@ -442,7 +442,7 @@ def _child_main() -> None:
 
     from absl import app, flags
 
-    from maejax import config as config_lib
+    from maejax import config as config_lib, flags as flags_lib
 
     jobs = json.loads(sys.stdin.read())
     FLAGS = flags.FLAGS
@@ -497,7 +497,8 @@ def _child_main() -> None:
     argparse.ArgumentParser.parse_args = parse_args
     argparse.ArgumentParser.parse_known_args = parse_known_args
     app.run = run
-    config_lib.deprecated_flag = lambda old, new: state["deprecated"].append(old)   # said before parsing
+    # said before parsing: by the override flags (maejax.config) and the old spellings (maejax.flags's parser)
+    config_lib.deprecated_flag = flags_lib.deprecated_flag = lambda old, new: state["deprecated"].append(old)
     results = []
     for how, target, argv in jobs:
         before = set(FLAGS)
@@ -645,18 +646,21 @@ def test_a_command_of_no_known_kind_fails():
 def test_a_flag_the_parser_does_not_have_fails():
     """The parsers are the real ones: an unknown flag, an unknown config key and a deprecated spelling are
     refused."""
-    results = parse_in_child([("module", "eval.map_benchmark", ["--features", "f", "--perturbation_col", "g",
+    results = parse_in_child([("module", "eval.map_benchmark", ["--embeddings", "f", "--perturbation_col", "g",
                                                                  "--control", "c", "--out", "o", "--no_such_flag", "1"]),
                               ("module", "maejax.train", ["--config", "configs/mae_synthetic.py:preset=tiny",
                                                           "--workdir", "w", "--config.optim.lrr=1"]),
                               ("module", "maejax.train", ["--config", "configs/mae_synthetic.py:preset=tiny",
                                                           "--workdir", "w"]),
-                              ("module", "eval.job", ["--workdir", "w", "--eval", "probe_model=logistic"])])
+                              ("module", "eval.job", ["--workdir", "w", "--eval", "probe_model=logistic"]),
+                              ("module", "eval.map_benchmark", ["--features", "f", "--perturbation_col", "g",
+                                                                 "--control", "c", "--out", "o"])])
     assert not results[0]["ok"] and "--no_such_flag" in results[0]["error"]
     assert not results[1]["ok"] and "optim.lrr" in results[1]["error"]
     assert results[2]["ok"], results[2]
     # a spelling kept for one release (hidden from --help, or its help says deprecated) is refused too
     assert not results[3]["ok"] and "--eval" in results[3]["error"]
+    assert not results[4]["ok"] and "--features" in results[4]["error"]   # an old spelling (maejax.flags)
 
 
 def main() -> None:
