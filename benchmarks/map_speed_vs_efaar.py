@@ -175,13 +175,12 @@ def main(argv=None) -> int:
     from maejax import flags
     p = flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--perturbations", type=int, default=10000)
-    p.add_argument("--num_features", type=int, default=1664, deprecated="--features")
+    p.add_argument("--num_features", deprecated="--features", type=int, default=1664)
     p.add_argument("--runs", type=int, default=3, help="alternating rounds (ours, EFAAR)")
     p.add_argument("--only", choices=("both", "ours", "efaar"), default="both")
     p.add_argument("--annotations", default=str(DEFAULT_ANNOTATIONS))
-    p.add_argument("--out", default="/tmp/map_speed_vs_efaar", metavar="DIR",
-                   help="the parquet (reused while its parameters match), each run's report and log",
-                   deprecated="--workdir")
+    p.add_argument("--out", deprecated="--workdir", default="/tmp/map_speed_vs_efaar", metavar="DIR",
+                   help="the parquet (reused while its parameters match), each run's report and log")
     p.add_argument("--exact_check", action="store_true",
                    help="also run EFAAR once (not timed) with sklearn's exact PCA solver (covariance_eigh) and "
                         "compare its recall with ours: EFAAR's PCA(128) picks sklearn's randomized solver for more "

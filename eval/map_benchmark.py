@@ -388,8 +388,8 @@ def parser() -> argparse.ArgumentParser:
     defaults = base().eval
     p = flags.ArgumentParser(prog="python -m eval.map_benchmark", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--embeddings", required=True, metavar="FILE", help="parquet/CSV with feature_* columns",
-                   deprecated="--features")
+    p.add_argument("--embeddings", deprecated="--features", required=True, metavar="FILE",
+                   help="parquet/CSV with feature_* columns")
     p.add_argument("--perturbation_col", required=True)
     p.add_argument("--batch_col", default=defaults.batch_col,
                    help=f"batch for the correction (and PCA scaling); default {defaults.batch_col}")
