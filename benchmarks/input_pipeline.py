@@ -6,29 +6,29 @@ Setup (cached in --cache_dir): the synthetic screen renders --sites 512x512 site
 the RxRx1 layout (metadata.csv + images/{experiment}/Plate{p}/{well}_s{site}_w{1..6}.png, 8-bit), and
 `data.sources.rxrx1` builds the ArrayRecord dataset from those files (256 px tiles, 4 per site).
 
-Both loaders deliver the same thing, batch after batch: for a shuffled record, its 6x256x256 tile,
-a random --crop_size crop, random flips and quarter turns, self-standardisation, batched.
-- ArrayRecord: `maejax.input_pipeline.make_train_iterator` (the trainer's own pipeline).
-- PIL baseline: the same grain pipeline shape, but each element opens the site's 6 PNGs with PIL (as a
-  PNG-per-channel loader must: PNG cannot decode a window) and cuts the record's tile from them.
+Both loaders are the trainer's own pipeline, `maejax.input_pipeline.make_train_iterator`, and deliver
+the same thing, batch after batch: for a shuffled record, its 6x256x256 tile, a random --crop_size crop,
+random flips and quarter turns, self-standardisation, batched. They differ in how a record is read:
+- ArrayRecord: the dataset's own reader.
+- PIL baseline: `PngTiles` opens the record's site's 6 PNGs with PIL (as a PNG-per-channel loader must:
+  PNG cannot decode a window) and cuts the record's tile from them.
 Each runs with 0, 1 and 2 worker processes; throughput is steady state (after --warmup batches, for
 --seconds), repeated --repeats times in alternation; medians are printed with the ratio.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
 from pathlib import Path
 
-import grain
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from maejax import flags, records
+from maejax import flags
 from maejax.input_pipeline import make_train_iterator, open_dataset
-from maejax.preprocess import self_standardize
 
 SITE = 512
 TILE = 256
@@ -47,7 +47,7 @@ def make_png_screen(root: Path, num_sites: int, seed: int) -> Path:
     ds = open_dataset(rendered)
     rows = []
     for record_id, row in ds.metadata.head(num_sites).iterrows():
-        image = records.decode(ds.reader.source[record_id])["image"]
+        image = ds.reader.read(record_id)
         plate = int(row.plate.removeprefix("Plate"))
         folder = root / "images" / row.experiment / f"Plate{plate}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -73,52 +73,45 @@ def build_arrayrecord(png_root: Path, out: Path) -> tuple[Path, float]:
     return out, report.seconds
 
 
-class _PngExample(grain.transforms.RandomMap):
-    """record_id -> the record's tile read from its site's PNGs, augmented like the trainer's pipeline."""
+@dataclasses.dataclass(frozen=True)
+class PngTiles:
+    """Reads a record's tile from its site's PNGs: stands in for the dataset's RecordReader (its `shape` and
+    `read`) in the trainer's pipeline; small and picklable for grain workers."""
+    root: str
+    sites: np.ndarray                 # per record: experiment, plate, well, site, crop_y, crop_x
+    shape: tuple[int, int, int]
 
-    def __init__(self, png_root: str, metadata: pd.DataFrame, crop_size: int):
-        self.root, self.crop_size = png_root, crop_size
-        self.sites = metadata[["experiment", "plate", "well", "site", "crop_y", "crop_x"]].to_records(index=False)
-
-    def random_map(self, record_id, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        experiment, plate, well, site, y0, x0 = self.sites[int(record_id)]
+    def read(self, record_id: int) -> np.ndarray:
+        experiment, plate, well, site, y0, x0 = self.sites[record_id]
         folder = os.path.join(self.root, "images", experiment, plate)
         site_image = np.stack([np.asarray(Image.open(os.path.join(folder, f"{well}_s{site}_w{c}.png")))
                                for c in range(1, 7)])
-        tile = site_image[:, y0:y0 + TILE, x0:x0 + TILE]
-        c = self.crop_size
-        y, x = rng.integers(TILE - c + 1), rng.integers(TILE - c + 1)
-        flip_v, flip_h, quarter_turns = rng.random() < 0.5, rng.random() < 0.5, rng.integers(4)
-        image = tile[:, y:y + c, x:x + c]
-        image = image[:, ::-1] if flip_v else image
-        image = image[:, :, ::-1] if flip_h else image
-        return {"image": self_standardize(np.rot90(image, quarter_turns, axes=(1, 2))),
-                "record_id": np.int64(record_id)}
+        _, height, width = self.shape
+        return site_image[:, y0:y0 + height, x0:x0 + width]
 
 
-def png_iterator(png_root: Path, dataset, *, batch_size: int, crop_size: int, seed: int, workers: int):
-    example = _PngExample(str(png_root), dataset.metadata, crop_size)
-    batches = (grain.MapDataset.range(len(dataset)).seed(seed).shuffle().repeat().random_map(example)
-               .to_iter_dataset(grain.ReadOptions(num_threads=8, prefetch_buffer_size=2 * batch_size))
-               .batch(batch_size, drop_remainder=True))
-    if workers:
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=4))
-    return iter(batches)
+def png_dataset(png_root: Path, dataset):
+    """`dataset` (the ArrayRecord build of the PNG screen) with its records read from the PNGs instead."""
+    sites = dataset.metadata[["experiment", "plate", "well", "site", "crop_y", "crop_x"]].to_records(index=False)
+    return dataclasses.replace(dataset, reader=PngTiles(str(png_root), sites, dataset.crop_shape))
 
 
-def measure(iterator, batch_size: int, warmup: int, seconds: float) -> dict[str, float]:
+def measure(iterator, batch_size: int, warmup: int, *, seconds: float | None = None,
+            batches: int | None = None) -> dict[str, float]:
+    """Time to the first batch, then the steady-state rate after `warmup` batches, over `batches` batches
+    or for `seconds`; closes the iterator."""
     start = time.perf_counter()
     next(iterator)
     first = time.perf_counter() - start
     for _ in range(warmup):
         next(iterator)
     start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
+    while (n < batches) if batches is not None else (time.perf_counter() - start < seconds):
         next(iterator)
         n += 1
-    rate = n * batch_size / (time.perf_counter() - start)
+    rate = n / (time.perf_counter() - start)
     iterator.close()
-    return {"first_batch_s": first, "crops_per_s": rate}
+    return {"first_batch_s": first, "batches_per_s": rate, "crops_per_s": rate * batch_size}
 
 
 def main() -> None:
@@ -156,14 +149,14 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f} at start")
 
     workers = [int(w) for w in args.workers.split(",")]
-    kw = dict(batch_size=args.batch_size, crop_size=args.crop_size, seed=args.seed)
+    loaders = {"arrayrecord": dataset, "png": png_dataset(png_root, dataset)}
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     for repeat in range(args.repeats):
         for w in workers:
-            for loader in ("arrayrecord", "png"):
-                it = (make_train_iterator(dataset, num_workers=w, process_index=0, process_count=1, **kw)
-                      if loader == "arrayrecord" else png_iterator(png_root, dataset, workers=w, **kw))
-                r = measure(it, args.batch_size, args.warmup, args.seconds)
+            for loader, source in loaders.items():
+                it = make_train_iterator(source, batch_size=args.batch_size, crop_size=args.crop_size,
+                                         seed=args.seed, num_workers=w, process_index=0, process_count=1)
+                r = measure(it, args.batch_size, args.warmup, seconds=args.seconds)
                 results.setdefault((loader, w), []).append(r)
                 print(f"  run {repeat + 1} {loader:>11} workers {w}: {r['crops_per_s']:8.1f} crops/s "
                       f"(first batch {r['first_batch_s']:.2f} s, load {os.getloadavg()[0]:.2f})", flush=True)

@@ -8,26 +8,9 @@ Prints, per worker count, the time to the first batch and the steady-state batch
 """
 from __future__ import annotations
 
-import time
-
+from benchmarks.input_pipeline import measure
 from maejax import flags
 from maejax.input_pipeline import make_train_iterator, open_dataset
-
-
-def measure(dataset, workers: int, batch_size: int, crop_size: int, warmup: int, batches: int) -> dict[str, float]:
-    iterator = make_train_iterator(dataset, batch_size=batch_size, crop_size=crop_size, seed=0,
-                                   num_workers=workers, process_index=0, process_count=1)
-    start = time.perf_counter()
-    next(iterator)
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        next(iterator)
-    start = time.perf_counter()
-    for _ in range(batches):
-        next(iterator)
-    rate = batches / (time.perf_counter() - start)
-    iterator.close()
-    return {"first_batch_s": first, "batches_per_s": rate, "crops_per_s": rate * batch_size}
 
 
 def main() -> None:
@@ -45,7 +28,9 @@ def main() -> None:
     print(f"{'workers':>7} {'first batch s':>13} {'batches/s':>10} {'crops/s':>9} {'ratio':>6}")
     baseline = None
     for workers in (int(w) for w in args.workers.split(",")):
-        result = measure(dataset, workers, args.batch_size, args.crop_size, args.warmup, args.batches)
+        iterator = make_train_iterator(dataset, batch_size=args.batch_size, crop_size=args.crop_size, seed=0,
+                                       num_workers=workers, process_index=0, process_count=1)
+        result = measure(iterator, args.batch_size, args.warmup, batches=args.batches)
         baseline = baseline or result["batches_per_s"]
         print(f"{workers:>7} {result['first_batch_s']:>13.2f} {result['batches_per_s']:>10.1f} "
               f"{result['crops_per_s']:>9.0f} {result['batches_per_s'] / baseline:>6.2f}")

@@ -91,7 +91,7 @@ class Dataset:
     path: Path
     manifest: dict[str, Any]
     metadata: pd.DataFrame  # one row per record, row i is record_id i
-    reader: RecordReader
+    reader: RecordReader    # or anything with its `shape` and `read` (benchmarks/input_pipeline.py reads PNGs)
 
     @property
     def channels(self) -> list[str]:

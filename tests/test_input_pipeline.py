@@ -209,3 +209,23 @@ def test_iterate_records_in_order(dataset):
     blocks = [pd.concat([m for _, m in iterate_records(dataset.path, 7, process_index=p, process_count=3)])
               for p in range(3)]
     assert pd.concat(blocks).record_id.tolist() == list(range(len(dataset)))  # disjoint, complete, ordered
+
+
+def test_the_benchmarks_png_baseline_feeds_the_trainers_pipeline_the_same_crops(tmp_path):
+    """benchmarks/input_pipeline.py compares like with like: the trainer's pipeline reading the records'
+    tiles from the per-channel PNGs yields the batches it yields from the ArrayRecord build of those PNGs."""
+    from benchmarks.input_pipeline import png_dataset
+    from data.crop_builder import BuildOptions, build_dataset
+    from data.cropping import CropSpec
+    from data.sources.rxrx1 import RxRx1
+    from tests import fake_screens
+    root = fake_screens.rxrx1(tmp_path / "png")
+    options = BuildOptions(crop=CropSpec(size=32), image_size=(64, 64), progress=False)
+    built = open_dataset(build_dataset(RxRx1(root), tmp_path / "arrayrecord", options).path)
+    streams = [make_train_iterator(ds, batch_size=8, crop_size=24, seed=3, process_index=0, process_count=1)
+               for ds in (built, png_dataset(root, built))]
+    for _ in range(4):
+        from_records, from_pngs = (next(s) for s in streams)
+        assert from_records.keys() == from_pngs.keys()
+        for key in from_records:
+            np.testing.assert_array_equal(from_records[key], from_pngs[key], err_msg=key)
