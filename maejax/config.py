@@ -53,6 +53,12 @@ def base() -> ml_collections.ConfigDict:
     # twice as fast and runs it slower: for tests and smoke runs.
     c.xla_backend_optimization_level = -1
 
+    # Where metrics go (maejax.metrics; the trainer's and eval.job's): comma-separated, of jsonl
+    # (<workdir>/metrics.jsonl), tensorboard (<workdir>/tensorboard), console (absl log lines) and wandb
+    # (Weights & Biases, when `pip install wandb`); "" = none.
+    c.log = ml_collections.ConfigDict()
+    c.log.writers = "jsonl,tensorboard,console"
+
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""              # dataset directory (maejax.records.LAYOUT)
     c.data.batch_size = 64       # global batch size (all processes)

@@ -64,9 +64,7 @@ def initialize(env: Mapping[str, str] | None = None) -> None:
     kwargs = plan(os.environ if env is None else env)
     if kwargs is None or jax.distributed.is_initialized():
         return
-    jax.distributed.initialize(**kwargs)
-    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local of "
-          f"{jax.device_count()} devices", flush=True)
+    jax.distributed.initialize(**kwargs)   # maejax.log.setup then logs the process and device counts
 
 
 class PreemptionNotice:

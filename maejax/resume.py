@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 
 from maejax.checkpoint import Checkpoints, run_checkpoint_dir
 from maejax.config import base
@@ -29,6 +30,7 @@ class ConfigChangeError(ValueError):
 # worker count) and data.streams (the streams' positions are per stream).
 RESUME_SAFE = {
     "log_every": "how often metrics are logged",
+    "log.": "where metrics are written",
     "ckpt_every": "how often checkpoints are saved",
     "keep_ckpts": "how many checkpoints are kept",
     "ckpt_dir": "where checkpoints are written (the run's checkpoint was found there)",
@@ -138,8 +140,8 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, start: int, s
     _write_json(os.path.join(workdir, "config.json"), config.to_json(indent=2))
     if changes:
         how = "accepted with --accept_config_change" if history[-1]["accepted_with_flag"] else "all resume-safe"
-        print(f"Config changed at step {start} ({how}): {_describe_changes(changes)}; config.json holds the new "
-              f"config, config.{start}.json the previous one", flush=True)
+        logging.info(f"Config changed at step {start} ({how}): {_describe_changes(changes)}; config.json holds "
+                     f"the new config, config.{start}.json the previous one")
 
 
 def _write_json(path: str, text: str) -> None:

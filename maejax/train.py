@@ -26,14 +26,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
-from maejax import config as config_lib, mfu, preprocess, resume, step as step_lib
+from maejax import config as config_lib, metrics as metrics_lib, mfu, preprocess, resume, step as step_lib
 from maejax.checkpoint import CheckpointMismatchError, Checkpoints, run_checkpoint_dir
 from maejax.records import RecordError
 from maejax.resume import ConfigChangeError
 from maejax.distributed import PreemptionNotice
-from maejax.metrics import MetricWriter, summarize_steps
 from maejax.streams import StreamedBatches
 
 
@@ -66,6 +66,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     # ----------------------------------------------------------------------------------------------------
     # Checks that need no compute (config keys, mesh, batch split, parameter shardings) and the step's set-up
     # ----------------------------------------------------------------------------------------------------
+    metrics_lib.writer_names(config.log.writers)   # an unknown writer, or wandb missing: a WriterError here
     train_setup = step_lib.setup(config)
     mesh, layout = train_setup.mesh, train_setup.layout
     total, batch = int(config.total_steps), int(config.data.batch_size)
@@ -119,24 +120,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                 advice="resume with the model and optim settings it was written with (its config.json), "
                        "or start a new --workdir")
             model_state, opt_state = restored["model"], restored["optimizer"]
-            print(f"Resumed from {ckpts.directory} at step {start}"
-                  + (" (input streams start afresh: the data settings changed)" if fresh_streams else ""),
-                  flush=True)
+            logging.info(f"Resumed from {ckpts.directory} at step {start}"
+                         + (" (input streams start afresh: the data settings changed)" if fresh_streams else ""))
         else:
             model_state, opt_state = train_setup.initialize()
         resume.record_config(config, workdir, start, saved, changes, refused, history)
         # Rows and TensorBoard events of steps after `start` (a killed run's) are dropped: each step once.
-        writer = MetricWriter(workdir, total, resume_step=start)
-        print(f"{config.model.name} {config.model.variant}: {train_setup.num_params / 1e6:.2f}M parameters on mesh "
-              f"{dict(mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} devices, "
-              f"{jax.process_count()} processes, {data_iter.num_streams} input streams)", flush=True)
+        writer = metrics_lib.create_writer(config.log.writers, workdir, resume_step=start, total_steps=total,
+                                           run_config=config.to_dict())
+        logging.info(f"{config.model.name} {config.model.variant}: {train_setup.num_params / 1e6:.2f}M "
+                     f"parameters on mesh {dict(mesh.shape)} ({jax.device_count()} {jax.devices()[0].platform} "
+                     f"devices, {jax.process_count()} processes, {data_iter.num_streams} input streams)")
         abstract_model = layout.abstract_model()
-        table = writer.write_parameter_overview(nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)))
+        params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+        table = metrics_lib.write_parameter_overview(workdir, params)
         if table:
-            print(f"Parameter table: {table}", flush=True)
+            logging.info(f"Parameter table: {table}")
         end = total if stop_after is None else min(total, stop_after)
         if start >= end:
-            print(f"Nothing to train: the checkpoint of step {start} is at or past the end step {end}", flush=True)
+            logging.info(f"Nothing to train: the checkpoint of step {start} is at or past the end step {end}")
             return {}
 
         # ------------------------------------------------------------------------------------------------
@@ -144,8 +146,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         # ------------------------------------------------------------------------------------------------
         t0 = time.time()
         compiled = train_setup.compile()
-        print(f"Compiled the train step in {time.time() - t0:.1f} s; per-device memory: "
-              f"{step_lib.format_memory(step_lib.describe_memory(compiled))}", flush=True)
+        logging.info(f"Compiled the train step in {time.time() - t0:.1f} s; per-device memory: "
+                     f"{step_lib.format_memory(step_lib.describe_memory(compiled))}")
         flops_per_example = train_setup.flops_per_example
         peak = mfu.device_peak(config.peak_tflops)
         batch_sh = train_setup.batch_shardings
@@ -169,11 +171,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
             pending = []
             _check_finite(rows, done - len(rows), last_saved, ckpts.directory, config, end)
             dt = time.time() - t_log
-            out = summarize_steps(rows)
+            out = metrics_lib.summarize_steps(rows)
             out["step_time_s"] = dt / steps_since_log
             out.update(mfu.throughput(flops_per_example, batch * steps_since_log, dt, jax.device_count(), peak))
-            writer.write(done, out)
-            writer.progress(done, out)
+            writer.write_scalars(done, out)   # every writer of config.log.writers (maejax.metrics)
             t_log, steps_since_log = time.time(), 0
             return out
 
@@ -196,7 +197,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                                meta=meta, force=True)
                     last_saved = done
                 if preempted:
-                    print(f"Preemption notice: saved the checkpoint of step {done} and stopped", flush=True)
+                    # a warning: every process says it (INFO is process 0's alone)
+                    logging.warning(f"Preemption notice: saved the checkpoint of step {done} and stopped")
                     last["preempted_at"] = done
                     break
         return last
@@ -240,7 +242,8 @@ def _check_finite(rows: list[dict[str, np.ndarray]], first_step: int, last_saved
 
 # Errors the CLI reports as one line on stderr (no traceback), with their exit status: bad input 2 (what
 # was refused and what to do), a NaN stop 1.
-ONE_LINE_ERRORS = ((ConfigChangeError, 2), (CheckpointMismatchError, 2), (RecordError, 2), (NonFiniteError, 1))
+ONE_LINE_ERRORS = ((ConfigChangeError, 2), (CheckpointMismatchError, 2), (RecordError, 2),
+                   (metrics_lib.WriterError, 2), (NonFiniteError, 1))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, accept_config_change: bool = False) -> int:
@@ -256,9 +259,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, accept_config_change
 
 def main(argv) -> None:
     del argv
-    from absl import flags, logging
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    from maejax import log
+    log.setup()   # absl logging: INFO from process 0, warnings from every process, no orbax INFO per save
     from maejax.platform_check import warn_if_accelerator_unused
     warn_if_accelerator_unused()   # a GPU or TPU on this machine but jax on the CPU: says so loudly
     config = config_lib.load(_CONFIG.value, _OVERRIDES)

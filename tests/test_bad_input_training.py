@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -154,12 +155,13 @@ def test_the_cli_prints_the_refusal_as_one_line_and_exits_2(nan_run, tmp_path, c
     assert snapshot(workdir) == before
 
 
-def test_accepting_a_change_resumes_and_keeps_both_configs(nan_run, tmp_path, monkeypatch, capsys):
+def test_accepting_a_change_resumes_and_keeps_both_configs(nan_run, tmp_path, monkeypatch, caplog):
     stand_in_programs(monkeypatch)
     workdir = copy_run(nan_run, tmp_path)
     new = config(nan_run, **{"optim.lr": 1e-3, "total_steps": 8})
+    caplog.set_level(logging.INFO, logger="absl")   # the trainer's messages are absl INFO lines
     train(new, str(workdir), stop_after=4, accept_config_change=True)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert ("Config changed at step 2 (accepted with --accept_config_change): optim.lr 1e+30 -> 0.001, "
             "total_steps 6 -> 8; config.json holds the new config, config.2.json the previous one") in out
     assert json.loads((workdir / "config.json").read_text())["optim"]["lr"] == 1e-3
@@ -178,7 +180,8 @@ def test_accepting_a_change_resumes_and_keeps_both_configs(nan_run, tmp_path, mo
     assert train(new, str(workdir), stop_after=4) == {}
 
 
-def test_accepting_new_data_settings_starts_the_input_streams_afresh(nan_run, tmp_path, monkeypatch, capsys):
+def test_accepting_new_data_settings_starts_the_input_streams_afresh(nan_run, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="absl")
     stand_in_programs(monkeypatch)
     workdir = copy_run(nan_run, tmp_path)
     other = shutil.copytree(nan_run[2], tmp_path / "other-dataset")
@@ -186,15 +189,16 @@ def test_accepting_new_data_settings_starts_the_input_streams_afresh(nan_run, tm
     # mean nothing (another dataset).
     train(config(nan_run, **{"data.dir": str(other), "data.streams": 2}), str(workdir), stop_after=4,
           accept_config_change=True)
-    assert "at step 2 (input streams start afresh: the data settings changed)" in capsys.readouterr().out
+    assert "at step 2 (input streams start afresh: the data settings changed)" in caplog.text
     assert [r["step"] for r in jsonl_rows(workdir / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
-def test_resume_safe_changes_pass_and_are_recorded(nan_run, tmp_path, capsys):
+def test_resume_safe_changes_pass_and_are_recorded(nan_run, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="absl")
     workdir = copy_run(nan_run, tmp_path)
     safe = {"log_every": 2, "ckpt_every": 4, "keep_ckpts": 5, "mesh.data": 4, "mesh.fsdp": 2, "eval.n_boot": 10}
     assert train(config(nan_run, **safe), str(workdir), stop_after=2) == {}
-    assert "(all resume-safe): ckpt_every 2 -> 4, eval.n_boot 200 -> 10" in capsys.readouterr().out
+    assert "(all resume-safe): ckpt_every 2 -> 4, eval.n_boot 200 -> 10" in caplog.text
     assert json.loads((workdir / "config.json").read_text())["mesh"]["fsdp"] == 2
     assert json.loads((workdir / "config.2.json").read_text())["mesh"]["fsdp"] == 1
 
