@@ -18,7 +18,7 @@ soon as it is measured (one failure never loses the other figures), with a log i
   train_g8   the same for ViT-G/8 (preset G8), remat full.
   inference  ViT-L/8 every-block embedding (eval.embed.Embedder: model.embed -> "blocks") at batch 256,
              bf16: crops/s and fraction of peak, on a device-resident batch and end to end from the host.
-  map_sweep  the 48-block map sweep of benchmarks.map_benchmark (20,000 perturbations x 1,664 features, PCA
+  map_sweep  the 48-block map sweep of benchmarks.map_sweep_speed (20,000 perturbations x 1,664 features, PCA
              on the jax backend): time per block and for the sweep (extrapolated, and said so, when the
              budget ends first).
   profiles   where a target is missed (training MFU >= 55%, inference >= 60% of peak, sweep < 60 s), a short
@@ -82,7 +82,7 @@ class Plan:
     steps_s: float                   # aim for this many seconds of timed steps per row (3..20 steps)
     infer_batch: int
     infer_iters: int
-    sweep: dict                      # benchmarks.map_benchmark sizes
+    sweep: dict                      # benchmarks.map_sweep_speed sizes
     parity_shapes: tuple             # (B, T, heads, head_dim)
     annotation_scale: float          # synthetic tables: fraction of the real tables' sizes
 
@@ -643,7 +643,7 @@ def section_sweep(ctx) -> None:
     import jax
     import pandas as pd
 
-    from benchmarks import map_benchmark as mb
+    from benchmarks import map_sweep_speed as mb
     from eval import efaar, recall
     p = ctx.plan.sweep
     sec = ctx.section("map_sweep", {"sizes": p, "backend": "jax", "jax_platform": jax.devices()[0].platform,
@@ -672,7 +672,7 @@ def section_sweep(ctx) -> None:
         mb.fill_block(x, codes, batch, 0)
         gen_s = time.perf_counter() - t
         sec["data"] = ("block 0's synthetic embeddings for every block (generation excluded from the timing, as "
-                       "in map_benchmark; the pipeline's cost does not depend on the values)"
+                       "in map_sweep_speed; the pipeline's cost does not depend on the values)"
                        if not ctx.args.sweep_fresh_blocks else "fresh synthetic embeddings per block")
         log.info(f"map sweep: {len(x):,} rows x {p['features']} features ({x.nbytes / 2**30:.2f} GiB per block), "
                  f"{p['blocks']} blocks, PCA {p['pca']} on the jax backend ({jax.devices()[0].platform}); "
@@ -821,7 +821,7 @@ def section_profiles(ctx) -> None:
                      f"{_pct(TARGETS['inference_of_peak'])})", run)
     sweep = ctx.doc["sections"].get("map_sweep", {})
     if ctx.sweep_inputs is not None and (force or sweep.get("sweep_s", 0) >= TARGETS["sweep_s"]):
-        from benchmarks import map_benchmark as mb
+        from benchmarks import map_sweep_speed as mb
         _profile(ctx, sec, "map_sweep", f"sweep {sweep.get('sweep_s', float('nan')):.1f} s (target "
                  f"< {TARGETS['sweep_s']:.0f} s): one block, host stages", lambda: mb.run_ours(*ctx.sweep_inputs, backend="jax"),
                  python=True)

@@ -22,13 +22,13 @@ recursion.md); a JUMP-CP source `--jump_plates` 384-well plates x 9 sites x 16 t
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
 import time
 
 import numpy as np
+
+from benchmarks.measure import write_json
 
 RXRX3_CORE_WELLS = 222_601          # recursion.md: 1,335,606 images = 222,601 wells x 6 channels
 TILES_RXRX3 = 4                     # 512 x 512 -> 2 x 2 tiles of 256
@@ -206,10 +206,7 @@ def main(argv=None) -> dict:
         print(f"  {name}: {r['crops']:,} crops -> {r['hours']:.2f} h ({r['hours'] * 60:.1f} min); input "
               f"{r['input_GB']:,.0f} GB; crop rows of all {proj['depth']} blocks x {proj['width']} float32 "
               f"{r['crop_rows_all_blocks_GB']:,.0f} GB")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return out
+    return write_json(a.json, out)
 
 
 if __name__ == "__main__":

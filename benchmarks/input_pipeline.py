@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from benchmarks.measure import iterator_rate
 from maejax import flags
 from maejax.input_pipeline import make_train_iterator, open_dataset
 
@@ -96,24 +97,6 @@ def png_dataset(png_root: Path, dataset):
     return dataclasses.replace(dataset, reader=PngTiles(str(png_root), sites, dataset.crop_shape))
 
 
-def measure(iterator, batch_size: int, warmup: int, *, seconds: float | None = None,
-            batches: int | None = None) -> dict[str, float]:
-    """Time to the first batch, then the steady-state rate after `warmup` batches, over `batches` batches
-    or for `seconds`; closes the iterator."""
-    start = time.perf_counter()
-    next(iterator)
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        next(iterator)
-    start, n = time.perf_counter(), 0
-    while (n < batches) if batches is not None else (time.perf_counter() - start < seconds):
-        next(iterator)
-        n += 1
-    rate = n / (time.perf_counter() - start)
-    iterator.close()
-    return {"first_batch_s": first, "batches_per_s": rate, "crops_per_s": rate * batch_size}
-
-
 def main() -> None:
     parser = flags.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache_dir", deprecated="--work-dir", default="/tmp/maejax_input_bench", metavar="DIR",
@@ -156,7 +139,7 @@ def main() -> None:
             for loader, source in loaders.items():
                 it = make_train_iterator(source, batch_size=args.batch_size, crop_size=args.crop_size,
                                          seed=args.seed, num_workers=w, process_index=0, process_count=1)
-                r = measure(it, args.batch_size, args.warmup, seconds=args.seconds)
+                r = iterator_rate(it, args.batch_size, args.warmup, seconds=args.seconds)
                 results.setdefault((loader, w), []).append(r)
                 print(f"  run {repeat + 1} {loader:>11} workers {w}: {r['crops_per_s']:8.1f} crops/s "
                       f"(first batch {r['first_batch_s']:.2f} s, load {os.getloadavg()[0]:.2f})", flush=True)

@@ -8,7 +8,7 @@ Prints, per worker count, the time to the first batch and the steady-state batch
 """
 from __future__ import annotations
 
-from benchmarks.input_pipeline import measure
+from benchmarks.measure import iterator_rate
 from maejax import flags
 from maejax.input_pipeline import make_train_iterator, open_dataset
 
@@ -30,7 +30,7 @@ def main() -> None:
     for workers in (int(w) for w in args.workers.split(",")):
         iterator = make_train_iterator(dataset, batch_size=args.batch_size, crop_size=args.crop_size, seed=0,
                                        num_workers=workers, process_index=0, process_count=1)
-        result = measure(iterator, args.batch_size, args.warmup, batches=args.batches)
+        result = iterator_rate(iterator, args.batch_size, args.warmup, batches=args.batches)
         baseline = baseline or result["batches_per_s"]
         print(f"{workers:>7} {result['first_batch_s']:>13.2f} {result['batches_per_s']:>10.1f} "
               f"{result['crops_per_s']:>9.0f} {result['batches_per_s'] / baseline:>6.2f}")

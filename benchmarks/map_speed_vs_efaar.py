@@ -56,7 +56,7 @@ def write_screen(path: Path, perturbations: int, features: int, annotations: Pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from benchmarks.map_benchmark import fill_block, gene_names, screen_layout
+    from benchmarks.map_sweep_speed import fill_block, gene_names, screen_layout
     genes = gene_names(perturbations, annotations)
     perts, batch = screen_layout(genes, replicates, batches, controls)
     codes = pd.Index(genes).get_indexer(perts)

@@ -1,7 +1,7 @@
 """Genome-scale map benchmark: the whole per-block EFAAR sweep of a ViT-G/8 (48 blocks).
 
-  python -m benchmarks.map_benchmark                       # 20k perts x 4 reps x 4 batches, 1664-d, 48 blocks
-  python -m benchmarks.map_benchmark --perturbations 2000 --features 256 --blocks 3   # quick run
+  python -m benchmarks.map_sweep_speed                       # 20k perts x 4 reps x 4 batches, 1664-d, 48 blocks
+  python -m benchmarks.map_sweep_speed --perturbations 2000 --features 256 --blocks 3   # quick run
 
 Each block's well embeddings (synthetic: a rank-64 perturbation effect, per-batch gain and offset,
 uniform noise; 500 controls per batch, as peer_baselines.md section 1) go through
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -30,34 +28,11 @@ import numpy as np
 import pandas as pd
 from scipy import linalg
 
+from benchmarks.measure import reset_peak_rss, rss_mib, write_json
 from eval import efaar, recall
 
 CONTROL = "non-targeting"
 DEFAULT_ANNOTATIONS = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "efaar_annotations"
-
-
-# --- memory -------------------------------------------------------------------------------------
-
-def reset_peak_rss() -> bool:
-    """Resets the kernel's peak-RSS counter for this process (Linux >= 4.0); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def rss_mib(field: str = "VmHWM") -> float:
-    """Current (VmRSS) or peak since the last reset (VmHWM) resident memory, MiB."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- synthetic screen ---------------------------------------------------------------------------
@@ -326,10 +301,7 @@ def main(argv=None) -> dict:
         print(f"recall agreement with the baseline: {agreement}")
     print("recall block 0: " + "; ".join(
         f"{r['source']} {r['query_distribution_size']} pairs {r['recall_0.05_0.95']:.3f}" for r in results))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=1)
-    return summary
+    return write_json(args.out, summary)
 
 
 if __name__ == "__main__":

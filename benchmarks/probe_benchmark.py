@@ -14,13 +14,12 @@ nothing about time.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import pandas as pd
 
-from benchmarks.map_benchmark import reset_peak_rss, rss_mib
+from benchmarks.measure import reset_peak_rss, rss_mib, write_json
 from eval import probe
 from maejax import flags
 
@@ -112,10 +111,7 @@ def main(argv=None) -> dict:
               f"{args.logistic_steps} full-batch Adam steps in {logit_s:.1f} s; test "
               f"{np.round(logit.test.astype(float), 3).tolist()} (ridge "
               f"{np.round(report.test[:args.logistic_blocks].astype(float), 3).tolist()})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
-    return summary
+    return write_json(args.json, summary)
 
 
 if __name__ == "__main__":
