@@ -19,6 +19,15 @@ NULL_SIZE = 5000     # enough for BH at 0.05 over these few tests; keeps the nul
 COLUMNS = ["mean_average_precision", "p_value", "corrected_p_value", "below_corrected_p"]
 
 
+def assert_same_as_copairs(by, ap: pd.DataFrame, column: str, *, seed: int, tmp_path) -> None:
+    """Our table (`by`, indexed by perturbation or gene) equals copairs' mean_average_precision of its
+    average precisions `ap`, grouped by `column`, with the same null size, threshold and seed."""
+    direct = copairs_map.mean_average_precision(ap, [column], null_size=NULL_SIZE, threshold=0.05, seed=seed,
+                                                progress_bar=False, cache_dir=tmp_path / "nulls")  # not ~/.copairs
+    direct = direct.set_index(column).loc[by.index]
+    pd.testing.assert_frame_equal(by[COLUMNS], direct[COLUMNS], check_names=False)
+
+
 def _well_screen(seed: int = 0):
     """3 batches x (12 control rows + 2 rows of each of 12 perturbations): A0-A5 sit far from the controls
     along two shared directions (A0-A2, A3-A5), N0-N5 are drawn like the controls."""
@@ -57,11 +66,7 @@ def test_activity_known_answer_equals_copairs(tmp_path):
     ap = copairs_map.average_precision(meta, x, pos_sameby=["Metadata_pert", "Metadata_ref"], pos_diffby=[],
                                        neg_sameby=["Metadata_batch"], neg_diffby=["Metadata_pert", "Metadata_ref"],
                                        progress_bar=False)
-    direct = copairs_map.mean_average_precision(ap.query("Metadata_pert != 'ctrl'"), ["Metadata_pert"],
-                                                null_size=NULL_SIZE, threshold=0.05, seed=3, progress_bar=False,
-                                                cache_dir=tmp_path / "nulls")   # fresh, not ~/.copairs
-    direct = direct.set_index("Metadata_pert").loc[by.index]
-    pd.testing.assert_frame_equal(by[COLUMNS], direct[COLUMNS], check_names=False)
+    assert_same_as_copairs(by, ap.query("Metadata_pert != 'ctrl'"), "Metadata_pert", seed=3, tmp_path=tmp_path)
 
 
 def _gene_map(seed: int = 0):
@@ -110,11 +115,7 @@ def test_consistency_known_answer_equals_copairs_multilabel(tmp_path):
         meta, features[rows], pos_sameby=["Metadata_labels"], pos_diffby=["Metadata_role"], neg_sameby=[],
         neg_diffby=["Metadata_labels", "Metadata_role", "Metadata_gene"], multilabel_col="Metadata_labels",
         progress_bar=False)
-    direct = copairs_map.mean_average_precision(ap.query("Metadata_role == 'query'"), ["Metadata_labels"],
-                                                null_size=NULL_SIZE, threshold=0.05, seed=1, progress_bar=False,
-                                                cache_dir=tmp_path / "nulls")   # fresh, not ~/.copairs
-    direct = direct.set_index("Metadata_labels").loc[by.index]
-    pd.testing.assert_frame_equal(by[COLUMNS], direct[COLUMNS], check_names=False)
+    assert_same_as_copairs(by, ap.query("Metadata_role == 'query'"), "Metadata_labels", seed=1, tmp_path=tmp_path)
 
 
 def _crops(x, labels, batches):
