@@ -13,7 +13,9 @@ the run's own `eval` section and then with `--tasks` / `--annotations` / `--conf
 `--config.eval.probe_model=logistic --config.eval.groups=anax.csv`; `--eval KEY=VALUE ...`, its spelling
 before, is deprecated). The model embeds under its run's sharding rules, data-parallel over every device.
 Outputs go to `<out>` (default `<workdir>/eval/<features>`): report.json, embeddings.parquet, blocks.png,
-similarity.png.
+similarity.png; the headline numbers (eval/..., at the checkpoint's step) and, for an autoencoder, a picture of
+its reconstructions (masked input, reconstruction, target, per channel) go to the run's metric writers
+(`log.writers` but the console, under `<out>`: metrics.jsonl and images/, tensorboard/, W&B).
 
 What the map needs comes from the dataset and one set of defaults (docs/eval.md), checked before anything
 is embedded: the control (`eval.control`, default: the manifest's `control_label`, else its `controls`,
@@ -43,7 +45,7 @@ from flax import nnx
 from eval import screen
 from eval.annotations import find_annotations
 from eval.embed import Embedder
-from maejax import config as config_lib, flags, sharding as shd, state as state_lib
+from maejax import config as config_lib, flags, metrics as metrics_lib, sharding as shd, state as state_lib
 from maejax.checkpoint import CheckpointMismatchError, Checkpoints, NoCheckpointError, run_checkpoint_dir
 from maejax.input_pipeline import iterate_records
 
@@ -78,8 +80,9 @@ def handcrafted_fast_screen(dataset_dir: str, batch_size: int = 256) -> tuple[np
     return np.concatenate(feats), pd.concat(metas, ignore_index=True)
 
 
-def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: int | None):
-    """(features, metadata, config, dataset_dir, step) for one of FEATURES."""
+def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: int | None, *, model=None):
+    """(features, metadata, config, dataset_dir, step) for one of FEATURES; the kinds that run a model
+    run `model` where given (`features_model`'s), else load it."""
     if kind not in FEATURES:
         raise ValueError(f"features={kind!r}: choose one of {FEATURES}")
     ckpt_dir = run_checkpoint_dir(workdir)
@@ -100,17 +103,23 @@ def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: i
         from eval.oracle import oracle_screen
         feats, meta = oracle_screen(dataset_dir)
         return feats, meta, config, dataset_dir, step
-    if kind == "mae":
-        model, _, _ = state_lib.load_model(ckpt_dir, step=step)
-    else:  # the same architecture, untrained
-        rules = shd.rules_from_config(config.sharding_rules)
-        mesh = shd.batch_mesh(rules)
-        sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed + 1)
-        fresh = state_lib.initialize(config.model, mesh, rules, sharded, seed=config.seed + 1)
-        with shd.activate(mesh, rules):
-            model = nnx.merge(sharded.model_def, fresh)
+    if model is None:
+        model = features_model(kind, config, ckpt_dir, step)
     feats, meta = embed_screen(model, config, dataset_dir, batch_size)
     return feats, meta, config, dataset_dir, step
+
+
+def features_model(kind: str, config: ml_collections.ConfigDict, ckpt_dir: str, step: int):
+    """The model a MODEL_FEATURES kind runs: `mae` the checkpoint's, `random_init` the same architecture
+    with fresh weights."""
+    if kind == "mae":
+        return state_lib.load_model(ckpt_dir, step=step)[0]
+    rules = shd.rules_from_config(config.sharding_rules)
+    mesh = shd.batch_mesh(rules)
+    sharded = state_lib.abstract(config.model, mesh, rules, seed=config.seed + 1)
+    fresh = state_lib.initialize(config.model, mesh, rules, sharded, seed=config.seed + 1)
+    with shd.activate(mesh, rules):
+        return nnx.merge(sharded.model_def, fresh)
 
 
 class AnnotationError(ValueError):
@@ -211,6 +220,10 @@ def check_annotations(workdir: str, dataset_dir: str | None, overrides: dict[str
         raise EvalSetupError(f"{workdir}: its config names no dataset ({what}); pass --dataset DIR")
     e = eval_config(config.eval, overrides)
     try:
+        eval_writers(config)   # the metric writers: an unknown one, or wandb not installed, stops here
+    except metrics_lib.WriterError as err:
+        raise EvalSetupError(str(err)) from None
+    try:
         dataset = open_dataset(dataset_dir)
     except (OSError, ValueError) as err:    # no manifest, a damaged shard or table: the reader's one line
         raise EvalSetupError(str(err)) from err
@@ -276,7 +289,14 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
     t0 = time.time()
     # a bad table, no control, a channel count the model cannot take: fails here, before the embedding
     settings = check_annotations(workdir, dataset_dir, overrides, kind=kind)
-    feats, meta, config, dataset_dir, step = features_for(kind, workdir, dataset_dir, batch_size)
+    model = None
+    if kind in MODEL_FEATURES:   # loaded here: it embeds the screen, then draws its reconstructions
+        ckpts = Checkpoints(run_checkpoint_dir(workdir))
+        step = ckpts.step()
+        stored = config_lib.complete(ckpts.meta(step)["config"])
+        ckpts.close()
+        model = features_model(kind, stored, run_checkpoint_dir(workdir), step)
+    feats, meta, config, dataset_dir, step = features_for(kind, workdir, dataset_dir, batch_size, model=model)
     t_embed = time.time() - t0
     e = eval_config(config.eval, overrides)
     report = screen.evaluate_blocks(
@@ -293,7 +313,53 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
                   map_settings={**dataclasses.asdict(settings), "drop": list(settings.drop)})
     out_dir = out_dir or os.path.join(workdir, "eval", kind)
     report["outputs"] = screen.write_outputs(report, out_dir, title=f"{kind} ({config.model.variant})")
+    write_metrics(report, config, out_dir, step, model=model, dataset_dir=dataset_dir)
     return report
+
+
+def eval_writers(config: ml_collections.ConfigDict) -> str:
+    """The run's metric writers (`log.writers`) for its evals: all but the console (the job prints its
+    summary)."""
+    return ",".join(n for n in metrics_lib.writer_names(config.log.writers) if n != "console")
+
+
+def eval_scalars(report: dict[str, Any]) -> dict[str, float]:
+    """The report's headline numbers at the chosen block, named eval/...: the block, each mean recall, the
+    replicate consistency (KS, CvM), the mAPs (activity, consistency) and every probe task's test score."""
+    best = report["best"]
+    out: dict[str, Any] = {"eval/best_block": report["best_block"]}
+    out.update({f"eval/{k}": v for k, v in best["recall_mean"].items()})
+    rc = best["consistency"]["replicate_consistency"]
+    out.update({"eval/replicate_ks": rc.get("ks_statistic"), "eval/replicate_cvm": rc.get("cvm_statistic")})
+    for part, m in (best.get("mean_average_precision") or {}).items():
+        if isinstance(m, dict) and part in ("activity", "consistency"):
+            out[f"eval/map_{part}"] = m.get("mean_average_precision")
+            out[f"eval/map_{part}_fraction_retrieved"] = m.get("fraction_retrieved")
+    out.update({f"eval/{name}_test": t["best_block_test"] for name, t in report["tasks"].items()
+                if "best_block_test" in t})
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float, np.number)) and np.isfinite(v)}
+
+
+def write_metrics(report: dict[str, Any], config: ml_collections.ConfigDict, out_dir: str, step: int, *,
+                  model=None, dataset_dir: str | None = None) -> None:
+    """`eval_scalars` at the checkpoint's step, and for an autoencoder a picture of its reconstructions
+    (masked input, reconstruction, target, per channel: eval/reconstruction.py) as eval/reconstruction, to
+    the run's writers (`eval_writers`) under `out_dir`."""
+    spec = eval_writers(config)
+    if not spec:
+        return
+    writer = metrics_lib.create_writer(spec, out_dir, run_config=config.to_dict())
+    try:
+        writer.write_scalars(step, eval_scalars(report))
+        if model is not None and dataset_dir:
+            from eval.reconstruction import reconstruction_picture
+            from maejax.input_pipeline import open_dataset
+            image = reconstruction_picture(model, open_dataset(dataset_dir), config.data.normalize,
+                                           int(config.data.crop_size), seed=int(config.seed))
+            if image is not None:
+                writer.write_images(step, {"eval/reconstruction": image})
+    finally:
+        writer.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from maejax.models import losses
-from maejax.models.vit import patchify
+from maejax.models.vit import patchify, unpatchify
 
 SIGMAS = (1.0, 2.0, 4.0, 8.0)   # interpolation widths tried, in pixels
 
@@ -86,3 +86,98 @@ def reconstruction_losses(model, images: np.ndarray, key: jax.Array, sigmas: Seq
             "interpolation_by_sigma": {str(s): float(v) for s, v in zip(sigmas, by_sigma)},
             "zero": zero_sum / count,
             "num_crops": int(len(images)), "mask_ratio": float(model.mask_ratio)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# A picture of the reconstructions: masked input, reconstruction, target, per channel
+# --------------------------------------------------------------------------------------------------------
+PICTURE_CROPS = 4      # crops in eval.job's picture
+MASK_GREY = 128        # the masked patches' grey in the masked-input panel
+
+
+def masked_views(model, images: np.ndarray, key: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """An autoencoder (MAE, CA-MAE, MU-Net) on normalised images (N, C, H, W) with its own random masks ->
+    (masked input with NaN on the masked patches, reconstruction: the prediction on the masked patches and
+    the visible pixels elsewhere, target: the images), each (N, C, H, W) float32. With `norm_pix_loss` the
+    prediction (per-patch normalised) is mapped back with each patch's mean and std, as the MAE paper's
+    figures do. None for a model that does not reconstruct (supervised)."""
+    from maejax.models.ca_mae import CAMAE, channel_images, channel_patches
+    from maejax.models.mae import MAE
+    from maejax.models.munet import MUNet
+    if not isinstance(model, (MAE, CAMAE, MUNet)):
+        return None
+    graphdef, state = nnx.split(model)
+    b, c, h, w = images.shape
+
+    def denormalise(pred, patches):   # per-patch normalised prediction -> pixels of the patch's mean and std
+        mean, var = patches.mean(-1, keepdims=True), patches.var(-1, keepdims=True)
+        return pred * jnp.sqrt(var + 1e-6) + mean
+
+    def pixels(patch_mask, p, channels):   # (B, channels * gh * gw) -> (B, channels, H, W)
+        m = patch_mask.reshape(b, channels, h // p, w // p)
+        return jnp.repeat(jnp.repeat(m, p, axis=2), p, axis=3)
+
+    @jax.jit
+    def run(state, x, k):
+        m = nnx.merge(graphdef, state)
+        if isinstance(m, MUNet):
+            recon, mask = m(x, k)
+            return recon, pixels(mask, m.patch, 1)
+        p = m.enc_cfg.patch
+        grid = (h // p, w // p)
+        if isinstance(m, CAMAE):
+            pred, _, mask, _ = m(x, k)
+            if m.norm_pix_loss:
+                pred = denormalise(pred, channel_patches(x, p))
+            return channel_images(pred, p, c, grid), pixels(mask, p, c)
+        pred, _, mask = m(x, k)
+        if m.norm_pix_loss:
+            pred = denormalise(pred, patchify(x, p))
+        return unpatchify(pred, p, c, grid), pixels(mask, p, 1)
+
+    x = jnp.asarray(images, jnp.float32)
+    recon, mask = run(state, x, key)
+    masked = np.broadcast_to(np.asarray(mask, bool), x.shape)
+    target = np.asarray(x, np.float32)
+    return (np.where(masked, np.nan, target), np.where(masked, np.asarray(recon, np.float32), target), target)
+
+
+def picture(masked: np.ndarray, reconstruction: np.ndarray, target: np.ndarray, gap: int = 2) -> np.ndarray:
+    """`masked_views` -> one grey image per crop, uint8 (N, C*H + (C-1)*gap, 3*W + 2*gap, 1): a row per
+    channel, the columns masked input | reconstruction | target, each row scaled to its target's 1st-99th
+    percentile; masked patches grey (MASK_GREY), the gaps white. clu's `write_images` takes it as it is."""
+    n, c, h, w = target.shape
+    out = np.full((n, c * h + (c - 1) * gap, 3 * w + 2 * gap, 1), 255, np.uint8)
+    for i in range(n):
+        for ch in range(c):
+            lo, hi = np.percentile(target[i, ch], [1, 99])
+            scale = 1.0 / max(hi - lo, 1e-6)
+            top = ch * (h + gap)
+            for col, panel in enumerate((masked, reconstruction, target)):
+                x = panel[i, ch]
+                v = np.round(np.clip((x - lo) * scale, 0.0, 1.0) * 255)
+                left = col * (w + gap)
+                out[i, top:top + h, left:left + w, 0] = np.where(np.isnan(x), MASK_GREY, v).astype(np.uint8)
+    return out
+
+
+def dataset_crops(dataset, normalize: str, crop_size: int, num: int = PICTURE_CROPS) -> np.ndarray:
+    """`num` crops spread evenly over an opened dataset, normalised as in training (`data.normalize`) and
+    centre-cropped to `crop_size`: (num, C, crop_size, crop_size) float32."""
+    from maejax import preprocess
+    ids = np.unique(np.linspace(0, len(dataset) - 1, min(num, len(dataset))).round().astype(int))
+    moments = (preprocess.plate_moments(dataset.metadata.iloc[ids], preprocess.plate_statistics(dataset))
+               if normalize == "plate" else None)
+    images = np.asarray(preprocess.normalize(dataset.reader.read_many(ids), normalize, moments), np.float32)
+    h, w = images.shape[2:]
+    s = min(crop_size, h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return images[:, :, top:top + s, left:left + s]
+
+
+def reconstruction_picture(model, dataset, normalize: str, crop_size: int, seed: int = 0,
+                           num: int = PICTURE_CROPS) -> np.ndarray | None:
+    """The picture (`picture`) of `model` on `num` crops of `dataset` with the masks of `seed`; None for a
+    model that does not reconstruct."""
+    views = masked_views(model, dataset_crops(dataset, normalize, crop_size, num), jax.random.key(seed))
+    return None if views is None else picture(*views)

@@ -5,6 +5,7 @@ evaluates. The CellProfiler-grade kind gives one finite row per well."""
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from data.synthetic_screen import generate_screen
 from eval import job, screen
 from maejax import config as config_lib
 from maejax.checkpoint import Checkpoints
+from tests.tiny_training import jsonl_rows
 
 SCREEN = dict(preset="tiny", seed=1, num_experiments=3, plates_per_experiment=2, artifact_fraction=0.3)
 
@@ -79,6 +81,21 @@ def test_outputs(evaluated):
     for key in ("plot", "similarity_plot"):
         with open(paths[key], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_metrics_go_to_the_runs_writers(evaluated):
+    """The run's log.writers (base()'s default for a run saved before the key existed) but the console:
+    one row at the checkpoint's step in <out>/metrics.jsonl, the same scalars in <out>/tensorboard."""
+    report, _ = evaluated
+    out = pathlib.Path(report["outputs"]["report"]).parent
+    rows = jsonl_rows(out / "metrics.jsonl")
+    assert len(rows) == 1 and rows[0]["step"] == 1
+    assert rows[0]["eval/best_block"] == report["best_block"]
+    assert rows[0]["eval/recall_0.05_0.95"] == pytest.approx(report["best"]["recall_mean"]["recall_0.05_0.95"])
+    assert rows[0]["eval/perturbation_test"] == pytest.approx(report["tasks"]["perturbation"]["best_block_test"])
+    assert {"eval/replicate_ks", "eval/map_activity"} <= set(rows[0])
+    assert list((out / "tensorboard").glob("events.*"))
+    assert not (out / "images").exists()      # hand-crafted features: no model, no reconstructions
 
 
 def test_eval_config_overrides(evaluated):
