@@ -22,6 +22,7 @@ import argparse
 import concurrent.futures
 import importlib
 import json
+import mmap
 import os
 import sys
 import threading
@@ -75,8 +76,13 @@ def _read_parquet_features(path: str, dtype: str | None) -> tuple[np.ndarray, pd
     through pandas' own reader, so they are what `pd.read_parquet` gives."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    mapped = _map_file(path)
     try:
-        pf = pq.ParquetFile(path, memory_map=True)   # pages of the OS cache, not a copy of them
+        # Read from a memory map: plain-encoded pages are decoded from the OS cache without a copy into
+        # pyarrow's buffers (measured ~1.5x faster on the 1.5 GB case of docs/eval.md). The map is our
+        # own so that its pages can be dropped from the process after each group of columns: otherwise
+        # the whole file would count in the peak RSS.
+        pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(mapped)) if mapped is not None else path)
     except Exception as e:  # pyarrow raises several types for a non-parquet file
         raise ValueError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from e
     schema = pf.schema_arrow
@@ -106,8 +112,19 @@ def _read_parquet_features(path: str, dtype: str | None) -> tuple[np.ndarray, pd
                 features[start:start + len(chunk), first + j] = chunk.to_numpy(zero_copy_only=False)
                 start += len(chunk)
             finite = finite and bool(np.isfinite(features[:, first + j]).all())
-        del table
+        table = column = chunk = None   # no arrow buffer holds the map's pages any more
+        if mapped is not None:
+            mapped.madvise(mmap.MADV_DONTNEED)   # clean file pages: they stay in the OS cache
     return features, meta.reset_index(drop=True), feature_cols, finite
+
+
+def _map_file(path: str) -> mmap.mmap | None:
+    """A read-only memory map of the file, or None where it cannot be mapped (empty file, no mmap)."""
+    try:
+        with open(path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
 
 
 def _check_finite(features: np.ndarray, path: str, feature_cols: Sequence[str]) -> None:

@@ -204,3 +204,30 @@ def test_parquet_reader_dtypes_and_nulls(tmp_path, capsys):
     (tmp_path / "not.parquet").write_text("feature_0,gene\n1,g\n")
     with pytest.raises(ValueError, match="cannot read as parquet"):
         map_benchmark.load_embeddings(str(tmp_path / "not.parquet"))
+
+
+def test_parquet_reader_peak_memory_is_the_matrix_not_the_file(tmp_path):
+    """The memory-mapped read drops the file's pages after each group of columns: the peak RSS of a process
+    reading a ~300 MB parquet grows by about the matrix (measured 1.4x: matrix, one group of columns,
+    allocator caches), not by matrix + file (measured 2.8x when the pages are kept)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    rows, cols = 100_000, 512
+    rng = np.random.default_rng(0)
+    table = {f"feature_{j}": rng.standard_normal(rows, dtype=np.float32) for j in range(cols)}
+    path = tmp_path / "wide.parquet"
+    pd.DataFrame({**table, "gene": np.repeat(["a", "b"], rows // 2)}).to_parquet(path)
+    del table
+    code = ("import re; from eval import map_benchmark as m\n"
+            "def kb(k): return int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+            "open('/proc/self/clear_refs', 'w').write('5'); base = kb('VmRSS')\n"
+            f"x, *_ = m._read_parquet_features({str(path)!r}, None)\n"
+            "print(x.nbytes, (kb('VmHWM') - base) * 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    matrix, grown = map(int, out.stdout.split())
+    assert path.stat().st_size > 0.9 * matrix
+    assert grown < 2.0 * matrix, (grown, matrix)
