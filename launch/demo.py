@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from eval import job, screen
-from maejax import config as config_lib, flags
+from maejax import config as config_lib, flags, log
 from maejax.resume import ConfigChangeError
 from maejax.train import train
 
@@ -240,6 +240,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     ap.add_argument("--seed", type=int, default=0, help="the screen's and the training's seed")
     a = ap.parse_args()
+    log.setup()   # the trainer's progress lines (absl logging)
     try:
         run(a.workdir, a.preset, a.steps, a.seed)
     except (DemoError, ConfigChangeError) as e:   # another screen or recipe in this workdir: one line

@@ -18,7 +18,7 @@ import time
 
 from configs import scaling as sweep
 from eval import job, scaling
-from maejax import config as config_lib, flags
+from maejax import config as config_lib, flags, log
 from maejax.checkpoint import Checkpoints, run_checkpoint_dir
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "scaling.py")
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=["small", "large"], choices=[d for d in sweep.DATASETS if d != "eval"])
     ap.add_argument("--steps", type=int, default=300)
     a = ap.parse_args()
+    log.setup()   # the trainer's progress lines (absl logging)
     run_sweep(a.out, a.models, a.data, a.steps)
 
 

@@ -14,3 +14,21 @@ def _absl_flags_parsed():
     from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was():
+    # A command's main() run in-process sets up absl logging (maejax.log.setup: absl's handler on the root
+    # logger, at INFO, writing to the stderr of that moment): each test ends with the logging it began with.
+    import logging
+    from absl import logging as absl_logging
+    root, absl_logger, handler = logging.getLogger(), absl_logging.get_absl_logger(), absl_logging.get_absl_handler()
+    had, level, absl_level = handler in root.handlers, root.level, absl_logger.level
+    filters, stream = list(handler.filters), handler.python_handler.stream
+    yield
+    if not had:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    absl_logger.setLevel(absl_level)
+    handler.filters[:] = filters
+    handler.python_handler.stream = stream

@@ -66,6 +66,11 @@ def test_training_left_its_checkpoint_and_metrics(main_job):
     for kind in demo.ROWS:
         out = workdir / "eval" / kind
         assert (out / "report.json").exists() and (out / "embeddings.parquet").exists()
+        # the eval's numbers in the run's writers at the checkpoint's step; the models' reconstructions too
+        assert [r["step"] for r in jsonl_rows(out / "metrics.jsonl")] == [6]
+        assert list((out / "tensorboard").glob("events.*"))
+        pictures = sorted(p.name for p in (out / "images").glob("*.png")) if (out / "images").exists() else []
+        assert pictures == (["eval_reconstruction.6.png"] if kind in ("mae", "random_init") else [])
 
 
 def test_the_table_shows_intervals_families_and_the_loss(main_job):
