@@ -1,7 +1,7 @@
 """Genome-scale map benchmark: the whole per-block EFAAR sweep of a ViT-G/8 (48 blocks).
 
   python -m benchmarks.map_sweep_speed                       # 20k perts x 4 reps x 4 batches, 1664-d, 48 blocks
-  python -m benchmarks.map_sweep_speed --perturbations 2000 --features 256 --blocks 3   # quick run
+  python -m benchmarks.map_sweep_speed --perturbations 2000 --num_features 256 --blocks 3   # quick run
 
 Each block's well embeddings (synthetic: a rank-64 perturbation effect, per-batch gain and offset,
 uniform noise; 500 controls per batch, as peer_baselines.md section 1) go through
@@ -30,6 +30,7 @@ from scipy import linalg
 
 from benchmarks.measure import reset_peak_rss, rss_mib, write_json
 from eval import efaar, recall
+from maejax import flags
 
 CONTROL = "non-targeting"
 DEFAULT_ANNOTATIONS = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "efaar_annotations"
@@ -191,19 +192,19 @@ def _fmt(times: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--perturbations", type=int, default=20000)
     p.add_argument("--replicates", type=int, default=4, help="wells per perturbation per batch")
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--controls_per_batch", type=int, default=500)
-    p.add_argument("--features", type=int, default=1664)
+    p.add_argument("--num_features", deprecated="--features", type=int, default=1664)
     p.add_argument("--blocks", type=int, default=48)
     p.add_argument("--pca_components", type=int, default=128)
     p.add_argument("--baseline_blocks", type=int, default=1, help="blocks also run by the baseline")
     p.add_argument("--annotations", default=str(DEFAULT_ANNOTATIONS))
     p.add_argument("--backend", choices=("auto", "numpy", "jax"), default="auto",
                    help="streaming PCA backend (auto: numpy on CPU, jax on accelerators)")
-    p.add_argument("--out", default=None, help="also write the figures as JSON")
+    p.add_argument("--json", deprecated="--out", default=None, metavar="FILE", help="also write the figures here")
     args = p.parse_args(argv)
     thresholds = list(recall.RECALL_THRESHOLDS)
     annotations = Path(args.annotations)
@@ -215,9 +216,9 @@ def main(argv=None) -> dict:
     is_control = perts == CONTROL
     codes = pd.Index(genes).get_indexer(perts)
     codes[is_control] = len(genes)               # the control gets the last (zero) effect
-    x = np.empty((len(perts), args.features), np.float32)
+    x = np.empty((len(perts), args.num_features), np.float32)
     print(f"map: {args.perturbations:,} perturbations x {args.replicates} replicates x {args.batches} "
-          f"batches + {args.controls_per_batch} controls/batch = {len(x):,} rows x {args.features} "
+          f"batches + {args.controls_per_batch} controls/batch = {len(x):,} rows x {args.num_features} "
           f"features ({x.nbytes / 2**30:.2f} GiB float32 per block), {args.blocks} blocks, "
           f"PCA {args.pca_components}; jax device {jax.devices()[0].platform}, PCA backend "
           f"{'jax' if efaar._use_jax(args.backend) else 'numpy'}")
@@ -301,7 +302,7 @@ def main(argv=None) -> dict:
         print(f"recall agreement with the baseline: {agreement}")
     print("recall block 0: " + "; ".join(
         f"{r['source']} {r['query_distribution_size']} pairs {r['recall_0.05_0.95']:.3f}" for r in results))
-    return write_json(args.out, summary)
+    return write_json(args.json, summary)
 
 
 if __name__ == "__main__":
