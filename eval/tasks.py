@@ -143,10 +143,10 @@ def labels_for(task: Task, meta: pd.DataFrame, groups: dict[str, str] | None = N
     if task.name == "qc":
         if "qc" not in meta.columns:
             raise TaskUnavailable("the crop metadata has no `qc` column (synthetic screens have one; "
-                                  "generate with --artifact-fraction > 0 to get artefacts)")
+                                  "generate with --artifact_fraction > 0 to get artefacts)")
         if meta["qc"].nunique() < 2:
             raise TaskUnavailable(f"every crop has qc={meta['qc'].iloc[0]!r}: no artefacts to detect (synthetic "
-                                  "screens: --artifact-fraction > 0 or preset demo_qc)")
+                                  "screens: --artifact_fraction > 0 or preset demo_qc)")
         return meta["qc"].astype(object)
     if task.name == "experiment":
         return meta["experiment"].astype(object)
