@@ -6,9 +6,10 @@ concept across the commands:
   --workdir DIR      a training run directory (config.json, checkpoints/, metrics)
   --dataset DIR      a crop dataset directory (manifest.json)
   --out DIR          where a command writes; always a directory (a single file goes to a fixed name inside)
-  --embeddings FILE  a table (parquet/CSV) of feature_* columns
-  --batch_size N     crops per batch
-  --perturbation_col the metadata column naming the perturbation
+  --embeddings FILE  a table (parquet/CSV) of feature_* columns (--num_features N: a count, in benchmarks)
+  --batch_size N     crops per batch (--crop_size N: a crop's side)
+  --perturbation_col the metadata column naming the perturbation (every column flag is --*_col)
+  --json FILE        the figures a benchmark also writes
 
 `ArgumentParser` is argparse's, with one addition: `add_argument(..., deprecated="--old-name")` (or a list)
 keeps old spellings working. They are left out of --help, and each use prints one line on stderr naming the
