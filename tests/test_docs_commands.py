@@ -331,14 +331,15 @@ def plan_cp(argv: list[str], c: Check) -> None:
     c.kind = "parsed"
 
 
-def locked_versions() -> dict[str, str]:
-    """Package -> version pinned with == in the lock files (requirements*.txt)."""
-    out = {}
+def locked_versions() -> dict[str, set[str]]:
+    """Package -> the versions pinned with == in the lock files (requirements*.txt): one, or more where an
+    optional environment pins another (requirements-newjax.txt: the newest jax)."""
+    out: dict[str, set[str]] = {}
     for path in REPO.glob("requirements*.txt"):
         for line in path.read_text().splitlines():
             m = re.match(r"^([A-Za-z0-9_.-]+)(\[[^\]]*\])?==([^\s;#]+)", line.strip())
             if m:
-                out[canonical(m[1])] = m[3]
+                out.setdefault(canonical(m[1]), set()).add(m[3])
     return out
 
 
@@ -348,7 +349,7 @@ def canonical(name: str) -> str:
 
 def plan_pip(argv: list[str], c: Check) -> None:
     """pip install: pip's own parser takes the options; -r files exist; local paths are projects with the
-    extras named; a requirement pinned in a lock file must allow the locked version."""
+    extras named; a requirement pinned in a lock file must allow a version that a lock file pins."""
     from packaging.requirements import Requirement
     from pip._internal.commands import create_command
     if argv[:1] != ["install"]:
@@ -380,11 +381,13 @@ def plan_pip(argv: list[str], c: Check) -> None:
             c.done.append(f"{target}: pyproject.toml with extras {extras.rstrip(']') or 'none'}")
             continue
         req = Requirement(target)
-        pinned = locked.get(canonical(req.name))
-        if pinned and req.specifier and not req.specifier.contains(pinned, prereleases=True):
-            c.error = f"pip install {target}: the lock pins {req.name}=={pinned}, which {req.specifier} excludes"
+        pins = sorted(locked.get(canonical(req.name), ()))
+        allowed = [v for v in pins if not req.specifier or req.specifier.contains(v, prereleases=True)]
+        if pins and not allowed:
+            c.error = (f"pip install {target}: the lock files pin {req.name}=={' or '.join(pins)}, which "
+                       f"{req.specifier} excludes")
             return
-        c.done.append(f"{target}: a requirement" + (f" that allows the locked {pinned}" if pinned else
+        c.done.append(f"{target}: a requirement" + (f" that allows the locked {' and '.join(allowed)}" if pins else
                                                      " (not in the lock files)"))
     c.kind = "parsed"
 
