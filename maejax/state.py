@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from maejax import models, sharding as shd
+from maejax.models import attention
 from maejax.checkpoint import Checkpoints
 from maejax.config import complete
 
@@ -83,7 +84,8 @@ def load_model(checkpoint_dir: str, *, step: int | None = None, mesh: Mesh | Non
     the mesh axes the run's rules put a batch on: `sharding.batch_mesh`).
 
     Returns (model, config, step). The config is the one the model was trained with (stored in `meta`),
-    with base()'s defaults for keys added since (`config.complete`).
+    with base()'s defaults for keys added since (`config.complete`), and `model.attention` set to `xla` where
+    these devices cannot run the kernel it was trained with (`models.attention.runs_on`).
     """
     ckpts = Checkpoints(checkpoint_dir)
     try:
@@ -91,6 +93,9 @@ def load_model(checkpoint_dir: str, *, step: int | None = None, mesh: Mesh | Non
         config = complete(ckpts.meta(step)["config"])
         rules = rules if rules is not None else shd.rules_from_config(config.sharding_rules)
         mesh = mesh if mesh is not None else shd.batch_mesh(rules)
+        # An attention kernel these devices lack (splash off a TPU, cuDNN off a GPU): XLA's, the same maths.
+        if not attention.runs_on(config.model.attention, mesh.devices.flat[0].platform):
+            config.model.attention = "xla"
         layout = abstract(config.model, mesh, rules, seed=config.seed)
         # A checkpoint whose arrays another kind of model wrote (its meta config edited or copied, or model
         # code and config defaults changed since it was trained): one line naming both, not a tree diff.

@@ -7,6 +7,8 @@ norms and softmax in float32. Two block types:
   q/k LayerNorm) and the MLP in parallel, x + gamma * (attn + mlp).
 `CrossAttention` (queries from one sequence, keys/values from another) serves the CA-MAE decoder.
 Attention masks are boolean, broadcastable to (B, heads, T_q, T_kv), True where a key may be attended.
+How attention is computed (`BlockConfig.attention`: XLA, cuDNN or the Pallas TPU splash kernel) is
+`maejax.models.attention`; each attention module checks at build that the platform runs it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from maejax.models import attention as attention_lib
 from maejax.sharding import constrain
 
 xavier = nnx.initializers.xavier_uniform()
@@ -38,7 +41,7 @@ class BlockConfig:
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32         # compute dtype
     param_dtype: Any = jnp.float32
-    attention: str | None = None     # jax.nn.dot_product_attention implementation: None(xla) | "cudnn"
+    attention: str | None = None     # maejax.models.attention: None (= "xla") | "cudnn" | "splash"
 
     @property
     def head_dim(self) -> int:
@@ -93,6 +96,7 @@ class Attention(nnx.Module):
         d, h, hd = cfg.width, cfg.num_heads, cfg.head_dim
         if d % h:
             raise ValueError(f"width {d} is not divisible by num_heads {h}")
+        attention_lib.check(cfg.attention, head_dim=hd, dtype=cfg.dtype)
         pd = cfg.param_dtype
         self.qkv = param(rngs, _fan_in_out(xavier, d, 3 * d), (d, 3, h, hd), ("embed", None, "heads", "kv"), pd)
         self.qkv_bias = param(rngs, zeros, (3, h, hd), (None, "heads", "kv"), pd) if cfg.qkv_bias else None
@@ -125,7 +129,7 @@ def attend_heads(attn: nnx.Module, q, k, v, mask) -> jax.Array:
         q = attn.q_norm(q).astype(dt)
         k = attn.k_norm(k).astype(dt)
     q = constrain(q, "act_batch", "act_seq", "act_heads", None)
-    a = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=attn.cfg.attention)
+    a = attention_lib.dot_product_attention(q, k, v, mask, attn.cfg.attention)
     y = jnp.einsum("bthk,hkd->btd", a, attn.out[...].astype(dt))
     return y + attn.out_bias[...].astype(dt)
 
@@ -141,6 +145,7 @@ class CrossAttention(nnx.Module):
         d, h, hd = cfg.width, cfg.num_heads, cfg.head_dim
         if d % h:
             raise ValueError(f"width {d} is not divisible by num_heads {h}")
+        attention_lib.check(cfg.attention, head_dim=hd, dtype=cfg.dtype)
         pd = cfg.param_dtype
         self.q = param(rngs, _fan_in_out(xavier, d, d), (d, h, hd), ("embed", "heads", "kv"), pd)
         self.kv = param(rngs, _fan_in_out(xavier, d, 2 * d), (d, 2, h, hd), ("embed", None, "heads", "kv"), pd)
