@@ -93,7 +93,8 @@ def base() -> ml_collections.ConfigDict:
     c.model.pool = "mean"        # per-block features: mean | mean_std (mean and std of patch tokens) | cls
     c.model.dtype = "float32"    # compute dtype ("bfloat16" at scale); parameters stay float32
     c.model.param_dtype = "float32"
-    c.model.attention = ml_collections.FieldReference(None, field_type=str)  # None (XLA) | "cudnn"
+    # None (= "xla") | "cudnn" (GPUs) | "splash" (the Pallas TPU kernel): maejax/models/attention.py
+    c.model.attention = ml_collections.FieldReference(None, field_type=str)
     c.model.scan_layers = True
     c.model.remat = "none"       # none | full | dots | dots_no_batch
     c.model.mask_ratio = 0.75
