@@ -26,7 +26,7 @@ NOT_IMPORTED = {
     "setuptools": "dev: builds the editable install offline (this file)",
 }
 # Imported modules whose distribution may be absent here (optional extras), by module name.
-OPTIONAL_IMPORTS = {"torch": "torch", "apache_beam": "apache-beam"}
+OPTIONAL_IMPORTS = {"torch": "torch", "apache_beam": "apache-beam", "wandb": "wandb"}
 
 
 def _requirements(text_lines) -> list[Requirement]:
