@@ -351,7 +351,9 @@ def write_metrics(report: dict[str, Any], config: ml_collections.ConfigDict, out
     writer = metrics_lib.create_writer(spec, out_dir, run_config=config.to_dict())
     try:
         writer.write_scalars(step, eval_scalars(report))
-        if model is not None and dataset_dir:
+        # an encoder without a decoder (e.g. converted OpenPhenom weights: model.decoder_depth=0) embeds but does
+        # not reconstruct: no picture for it
+        if model is not None and dataset_dir and int(config.model.get("decoder_depth", 1)) > 0:
             from eval.reconstruction import reconstruction_picture
             from maejax.input_pipeline import open_dataset
             image = reconstruction_picture(model, open_dataset(dataset_dir), config.data.normalize,
