@@ -189,3 +189,23 @@ def test_values():
         q = jnp.zeros((1, 5, 2, 8))
         with attention.tpu_interpret():
             attention.dot_product_attention(q, q, q, jnp.ones((1, 1, 5, 5), bool), "splash")
+
+
+def test_a_checkpoint_trained_with_splash_restores_onto_xla_here(tmp_path):
+    """state.load_model on devices without the run's kernel (a TPU run's splash on this CPU): XLA attention,
+    the same maths, instead of an error at build."""
+    import json
+
+    from maejax.config import complete
+    from maejax.convert import save_converted
+    from maejax.state import load_model
+
+    config = complete({"model": dict(MAE, attention="splash")})
+    with attention.tpu_interpret():
+        model = random_model(dict(config.model))
+    save_converted(str(tmp_path / "ckpt"), model, {"config": json.loads(config.to_json())})
+    restored, restored_config, _ = load_model(str(tmp_path / "ckpt"))
+    assert restored_config.model.attention == "xla"
+    assert restored.encoder.transformer.blocks.attn.cfg.attention == "xla"
+    np.testing.assert_array_equal(restored.encoder.patch_embed.proj.kernel[...],
+                                  model.encoder.patch_embed.proj.kernel[...])
