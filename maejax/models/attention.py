@@ -3,7 +3,7 @@
 | value | kernel | platform | sites |
 |---|---|---|---|
 | `xla` (default; `None` is the same) | `jax.nn.dot_product_attention`, XLA | any | all |
-| `cudnn` | cuDNN fused attention via `jax.nn.dot_product_attention` | GPU | all; bf16/fp16 compute, head dim a multiple of 8 and at most 256 |
+| `cudnn` | cuDNN fused attention via `jax.nn.dot_product_attention` | GPU (bf16/fp16, head dim 8k <= 256) | all |
 | `splash` | Pallas TPU splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) | TPU | all |
 
 "All sites" are the ViT encoder's and the MAE / CA-MAE decoders' self-attention and the CA-MAE decoder's
