@@ -2,7 +2,6 @@
 and `pip install -e .[dev]` gives working console commands in a fresh virtual environment (offline)."""
 import ast
 import importlib.metadata
-import importlib.util
 import os
 import re
 import subprocess
@@ -138,14 +137,20 @@ def test_setup_script_reinstalls_when_any_file_it_installs_from_changes():
 
 
 def _setuptools_builds_offline() -> str | None:
-    """Why this environment cannot build the editable wheel without an index (None: it can)."""
-    try:
-        import setuptools
-    except ImportError:
-        return "setuptools is not installed (requirements-dev.txt pins it; run launch/setup.sh)"
-    major, minor = (int(v) for v in setuptools.__version__.split(".")[:2])
-    if (major, minor) < (70, 1) and importlib.util.find_spec("wheel") is None:
-        return (f"setuptools {setuptools.__version__} builds wheels only with the `wheel` package "
+    """Why this environment cannot build the editable wheel without an index (None: it can). Asked in a
+    fresh interpreter: importing setuptools here, after another test has imported the standard library's
+    distutils, trips setuptools' distutils override (an AssertionError in _distutils_hack)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import importlib.util, setuptools; "
+                               "print(setuptools.__version__, importlib.util.find_spec('wheel') is not None)"],
+        capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        return ("setuptools does not import here (requirements-dev.txt pins it; run launch/setup.sh): "
+                + (probe.stderr.strip().splitlines() or ["no output"])[-1])
+    version, has_wheel = probe.stdout.split()
+    major, minor = (int(v) for v in version.split(".")[:2])
+    if (major, minor) < (70, 1) and has_wheel != "True":
+        return (f"setuptools {version} builds wheels only with the `wheel` package "
                 f"(requirements-dev.txt pins a newer setuptools; run launch/setup.sh)")
     return None
 
