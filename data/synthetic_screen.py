@@ -135,6 +135,9 @@ class ScreenConfig:
     site_size: int = 128
     crop_size: int = 64
     num_channels: int = 6
+    # Which of the rendered stains the records hold, in which order ("Mito,AGP,DNA,RNA,ER"); "" = all
+    # num_channels stains in the order of data.cell_renderer.STAINS. The cells are the same either way.
+    channels: str = ""
     # Unperturbed cells.
     cell_density: float = 60.0  # cells per 10,000 px^2 (~24 per 64 x 64 crop)
     nucleus_radius: float = 3.6
@@ -145,6 +148,18 @@ class ScreenConfig:
     # with equal odds per kind; the crop's `qc` metadata column names it ("ok" otherwise).
     artifact_fraction: float = 0.0
     num_shards: int = 8
+
+    def channel_order(self) -> list[int]:
+        """Indices of the records' channels among the rendered stains (`channels`)."""
+        stains = cell_renderer.stain_names(self.num_channels)
+        if not self.channels:
+            return list(range(self.num_channels))
+        names = [n.strip() for n in self.channels.split(",")]
+        unknown = [n for n in names if n not in stains]
+        if unknown or len(set(names)) != len(names):
+            raise ValueError(f"channels={self.channels!r}: name each channel once, from the {self.num_channels} "
+                             f"rendered stains {stains}" + (f" (not rendered: {unknown})" if unknown else ""))
+        return [stains.index(n) for n in names]
 
     def validate(self) -> None:
         if self.site_size % self.crop_size:
@@ -159,6 +174,7 @@ class ScreenConfig:
                self.num_channels) < 1:
             raise ValueError("num_experiments, plates_per_experiment, sites_per_well, control_wells and "
                              "num_channels must be >= 1")
+        self.channel_order()
         if self.control_wells >= PLATE_ROWS * PLATE_COLS:
             raise ValueError(f"control_wells {self.control_wells} leaves no room on a 384-well plate")
         if not 0.0 <= self.artifact_fraction <= 1.0:
@@ -510,14 +526,15 @@ def generate_screen(out_dir: str | Path, preset: str = "demo", overwrite: bool =
     biology = make_biology(cfg, np.random.default_rng([cfg.seed, 0]))
     acq = make_acquisition(cfg, np.random.default_rng([cfg.seed, 1]))
     sites = make_sites(cfg, biology, np.random.default_rng([cfg.seed, 2]))
-    channels = cell_renderer.stain_names(cfg.num_channels)
+    order = cfg.channel_order()
+    channels = [cell_renderer.stain_names(cfg.num_channels)[i] for i in order]
     experiments = [f"SYN-{e + 1:02d}" for e in range(cfg.num_experiments)]
 
     def examples() -> Iterator[tuple[np.ndarray, dict[str, Any]]]:
         for start, images, counts, qc in rendered_chunks(cfg, biology, acq, sites, workers):
             for i, s in enumerate(range(start, start + len(images))):
                 gene = sites.gene[s]
-                for tile, crop in enumerate(tile_site(images[i], cfg.crop_size)):
+                for tile, crop in enumerate(tile_site(images[i][order], cfg.crop_size)):
                     yield crop, {
                         "experiment": experiments[sites.experiment[s]],
                         "plate": f"Plate{sites.plate[s] + 1}",

@@ -26,12 +26,15 @@ class Embedder:
     `rules`: the run's sharding rules (maejax.sharding.rules_from_config of its config), which place the
     batch as well as the weights; `blocks` (0-based indices) keeps only those blocks of the `blocks` output,
     selected on the device; `compiler_options`: XLA options (maejax.step.compiler_options of the run's
-    config)."""
+    config). `channels` (indices into the crops' channels) gives the model those channels in that order
+    (eval.channels; None = all, as stored); `channel_ids` (a channel-agnostic model: each given channel's id
+    in the run's channel vocabulary) goes to `model.embed` with them."""
 
     def __init__(self, model: nnx.Module, mesh: Mesh, batch_size: int, rules,
                  keys: tuple[str, ...] = ("blocks", "pooled"), normalize: str = "crop",
                  plate_stats: dict | None = None, blocks: tuple[int, ...] | None = None,
-                 compiler_options: dict | None = None):
+                 compiler_options: dict | None = None, channels: tuple[int, ...] | None = None,
+                 channel_ids: tuple[int, ...] | None = None):
         self.normalize = preprocess.check_normalization(normalize)
         if normalize == "plate" and not plate_stats:
             raise ValueError("normalize='plate' needs plate_stats (maejax.preprocess.plate_statistics)")
@@ -43,9 +46,12 @@ class Embedder:
         in_sh = shd.batch_sharding(mesh, rules, 4)
 
         select = None if blocks is None else jnp.asarray(blocks, jnp.int32)
+        self.channels = None if channels is None else np.asarray(channels, np.intp)
+        ids = None if channel_ids is None else np.asarray(channel_ids, np.int32)
 
         def forward(state, images, moments):
-            out = nnx.merge(graphdef, state).embed(preprocess.normalize(images, normalize, moments, xp=jnp))
+            kw = {} if ids is None else {"channel_ids": jnp.broadcast_to(jnp.asarray(ids), (images.shape[0], len(ids)))}
+            out = nnx.merge(graphdef, state).embed(preprocess.normalize(images, normalize, moments, xp=jnp), **kw)
             out = {k: out[k] for k in keys}
             if select is not None and "blocks" in out:   # only the chosen blocks leave the device
                 out["blocks"] = out["blocks"][:, select]
@@ -68,13 +74,16 @@ class Embedder:
         n = images.shape[0]
         if n > self.batch_size:
             raise ValueError(f"batch of {n} images is larger than the embedder's batch size {self.batch_size}")
+        if self.channels is not None:
+            images = images[:, self.channels]
         padded = np.zeros((self.batch_size,) + images.shape[1:], images.dtype)
         padded[:n] = images
         moments = np.ones((self.batch_size, 2, images.shape[1]), np.float32)
         if self.normalize == "plate":
             if meta is None:
                 raise ValueError("plate normalisation needs each crop's metadata (experiment, plate)")
-            moments[:n] = preprocess.plate_moments(meta, self.plate_stats)
+            plate = preprocess.plate_moments(meta, self.plate_stats)
+            moments[:n] = plate if self.channels is None else plate[:, :, self.channels]
         if self._put is not None:
             padded, moments = jax.device_put(padded, self._put[0]), jax.device_put(moments, self._put[1])
         with shd.activate(self.mesh, self.rules):

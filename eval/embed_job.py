@@ -3,6 +3,7 @@ every process, written as parquet shards as it goes; a killed or preempted job r
 
   python -m eval.embed_job --workdir runs/demo --dataset DIR --out DIR [--blocks all|1,5,12]
       [--batch_size N] [--shard_size 8192] [--write crops,wells] [--step N] [--read_threads 4]
+      [--config.eval.channels=DNA,RNA,Mito]   (the channels the model gets: eval.job's key, maejax.channels)
 
 `--workdir` is a training run directory (its checkpoints in `<workdir>/checkpoints` or the run's
 `ckpt_dir`; also what `python -m maejax.convert openphenom --workdir DIR` writes) or a checkpoint directory
@@ -100,13 +101,15 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def checkpoint_config(ckpt_dir: str, step: int | None = None):
-    """(step, the config it was trained with) from the checkpoint's meta; no array is read."""
+    """(step, the config it was trained with, its channel vocabulary or None) from the checkpoint's meta; no
+    array is read."""
     from maejax.checkpoint import Checkpoints
     from maejax.config import complete
     ckpts = Checkpoints(ckpt_dir)
     try:
         step = ckpts.step(step)
-        return step, complete(ckpts.meta(step)["config"])
+        meta = ckpts.meta(step)
+        return step, complete(meta["config"]), meta.get("channels")
     finally:
         ckpts.close()
 
@@ -298,9 +301,10 @@ def _pending(layout: Layout) -> list[int]:
 def embed_dataset(workdir: str, dataset_dir: str | None, out_dir: str, *, blocks: str | Sequence[int] | None = "all",
                   batch_size: int | None = None, shard_size: int = DEFAULT_SHARD_SIZE,
                   write: str | Sequence[str] = OUTPUTS, step: int | None = None, devices=None,
-                  read_threads: int = 4, progress: bool = True) -> dict[str, Any]:
+                  read_threads: int = 4, progress: bool = True, channels: str | None = None) -> dict[str, Any]:
     """Embeds every crop of the dataset into `out_dir` (module doc); returns a summary with `preempted`
-    True when a SIGTERM stopped it before the end. `devices`: this process's devices (default all local)."""
+    True when a SIGTERM stopped it before the end. `devices`: this process's devices (default all local).
+    `channels`: eval.channels (names, in order; default the run's config's), the channels the model gets."""
     import jax
     from data.progress import Progress
     from eval.embed import Embedder, output_shapes
@@ -315,22 +319,31 @@ def embed_dataset(workdir: str, dataset_dir: str | None, out_dir: str, *, blocks
     pi, pc = jax.process_index(), jax.process_count()
     devices = list(devices) if devices is not None else jax.local_devices()
     ckpt_dir = checkpoint_dir(workdir)
-    step, config = checkpoint_config(ckpt_dir, step)   # its meta only: the arrays are read after the checks
+    step, config, vocabulary = checkpoint_config(ckpt_dir, step)   # its meta only: arrays are read after the checks
+    if channels is not None:
+        config.eval.channels = channels
     rules = shd.rules_from_config(config.sharding_rules)
     mesh = shd.batch_mesh(rules, devices)
     dataset_dir = dataset_dir or config.data.dir
     dataset = open_dataset(dataset_dir)
+    from eval.job import EvalSetupError, check_channels
+    try:   # the channels the model gets (eval.channels; a fixed-channel model: its own, by name)
+        index, ids = check_channels(config.model, vocabulary, dataset.channels, config.eval.channels, dataset_dir,
+                                    workdir)
+    except EvalSetupError as e:
+        raise EmbedJobError(str(e)) from None
     normalize = preprocess.check_normalization(config.data.normalize)
     plan = Plan(len(dataset), int(shard_size))
     spec = {"format": FORMAT, "checkpoint": os.path.abspath(ckpt_dir) if "://" not in ckpt_dir else ckpt_dir,
             "step": int(step), "model": f"{config.model.name} {config.model.variant}",
             "dataset": os.path.abspath(dataset_dir), "dataset_fingerprint": dataset_fingerprint(dataset),
             "num_records": len(dataset), "crop_shape": list(dataset.crop_shape), "normalize": normalize,
+            "channels": [dataset.channels[i] for i in index],
             "shard_size": plan.shard_size, "num_shards": plan.num_shards}
     check_spec(out_dir, spec)                     # every process: all refuse alike
     model, config, step = state_lib.load_model(ckpt_dir, step=step, mesh=mesh, rules=rules)
     try:
-        shape = output_shapes(model, dataset.crop_shape)["blocks"]
+        shape = output_shapes(model, (len(index), *dataset.crop_shape[1:]))["blocks"]
     except Exception as e:   # noqa: BLE001 - e.g. 4-channel crops into a 6-channel ViT
         raise EmbedJobError(f"{dataset_dir}: crops of shape (C, H, W) = {dataset.crop_shape} do not fit the "
                             f"{config.model.name} {config.model.variant} model of {ckpt_dir} "
@@ -374,7 +387,8 @@ def embed_dataset(workdir: str, dataset_dir: str | None, out_dir: str, *, blocks
         if mine:   # a process with nothing left to do (a finished job, a resume) still keeps the rounds
             embedder = Embedder(model, mesh, batch_size or int(config.eval.batch_size), rules, keys=("blocks",),
                                 normalize=normalize, plate_stats=stats, blocks=tuple(b - 1 for b in chosen),
-                                compiler_options=step_lib.compiler_options(config))   # as the trainer compiles
+                                compiler_options=step_lib.compiler_options(config),   # as the trainer compiles
+                                channels=tuple(index), channel_ids=tuple(ids) if config.model.name == "ca_mae" else None)
             batches = _read_batches(dataset, ranges, embedder.batch_size, read_threads)
         for r in range(rounds):
             if r < len(mine):
@@ -460,12 +474,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from maejax import distributed
     from maejax.checkpoint import CheckpointMismatchError
     from maejax.records import RecordError
+    from maejax import config as config_lib
+    argv, overrides = config_lib.parse_override_flags(sys.argv[1:] if argv is None else argv, only="eval")
+    if set(overrides) - {"eval.channels"}:
+        raise SystemExit(f"--config.{sorted(set(overrides) - {'eval.channels'})[0]}: this command takes "
+                         f"--config.eval.channels=NAMES only (its other settings are flags)")
     args = parser().parse_args(argv)
     distributed.initialize()    # before anything touches the devices
     try:
         summary = embed_dataset(args.workdir, args.dataset, args.out, blocks=args.blocks, batch_size=args.batch_size,
                                 shard_size=args.shard_size, write=args.write, step=args.step,
-                                read_threads=args.read_threads)
+                                read_threads=args.read_threads, channels=overrides.get("eval.channels"))
     except (EmbedJobError, CheckpointMismatchError, RecordError, FileNotFoundError) as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 2

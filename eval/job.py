@@ -45,7 +45,8 @@ from flax import nnx
 from eval import screen
 from eval.annotations import find_annotations
 from eval.embed import Embedder
-from maejax import config as config_lib, flags, metrics as metrics_lib, sharding as shd, state as state_lib
+from maejax import channels as channels_lib, config as config_lib, flags, metrics as metrics_lib
+from maejax import sharding as shd, state as state_lib
 from maejax.checkpoint import CheckpointMismatchError, Checkpoints, NoCheckpointError, run_checkpoint_dir
 from maejax.input_pipeline import iterate_records
 
@@ -54,19 +55,23 @@ MODEL_FEATURES = ("mae", "random_init")      # the kinds that run the run's mode
 BATCH_COLUMNS = ("experiment", "plate")      # well-level columns (eval.tasks.WELL_KEYS) a map batch can be
 
 
-def embed_screen(model, config: ml_collections.ConfigDict, dataset_dir: str, batch_size: int
-                 ) -> tuple[np.ndarray, pd.DataFrame]:
+def embed_screen(model, config: ml_collections.ConfigDict, dataset_dir: str, batch_size: int,
+                 settings: MapSettings | None = None) -> tuple[np.ndarray, pd.DataFrame]:
     """Every crop of the dataset -> (N, blocks, D) pooled block features, plus crop metadata, with the model
     of the run `config` (its sharding rules; crops normalised as it was trained, `data.normalize`, with
-    plate statistics of this dataset)."""
+    plate statistics of this dataset), given the channels `settings` chose (`check_channels`; None: all)."""
     from maejax.input_pipeline import open_dataset
     from maejax.preprocess import plate_statistics
     rules = shd.rules_from_config(config.sharding_rules)
     dataset = open_dataset(dataset_dir)
     normalize = config.data.normalize
     stats = plate_statistics(dataset) if normalize == "plate" else None
+    channels = ids = None
+    if settings is not None:
+        channels = settings.channel_index
+        ids = settings.channel_ids if config.model.name == "ca_mae" else None
     embedder = Embedder(model, shd.batch_mesh(rules), batch_size, rules, keys=("blocks",), normalize=normalize,
-                        plate_stats=stats)
+                        plate_stats=stats, channels=channels, channel_ids=ids)
     feats, meta = embedder.embed_batches(iterate_records(dataset, embedder.batch_size))
     return feats["blocks"], meta
 
@@ -80,9 +85,10 @@ def handcrafted_fast_screen(dataset_dir: str, batch_size: int = 256) -> tuple[np
     return np.concatenate(feats), pd.concat(metas, ignore_index=True)
 
 
-def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: int | None, *, model=None):
+def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: int | None, *, model=None,
+                 settings: MapSettings | None = None):
     """(features, metadata, config, dataset_dir, step) for one of FEATURES; the kinds that run a model
-    run `model` where given (`features_model`'s), else load it."""
+    run `model` where given (`features_model`'s), else load it, on the channels of `settings`."""
     if kind not in FEATURES:
         raise ValueError(f"features={kind!r}: choose one of {FEATURES}")
     ckpt_dir = run_checkpoint_dir(workdir)
@@ -105,7 +111,7 @@ def features_for(kind: str, workdir: str, dataset_dir: str | None, batch_size: i
         return feats, meta, config, dataset_dir, step
     if model is None:
         model = features_model(kind, config, ckpt_dir, step)
-    feats, meta = embed_screen(model, config, dataset_dir, batch_size)
+    feats, meta = embed_screen(model, config, dataset_dir, batch_size, settings)
     return feats, meta, config, dataset_dir, step
 
 
@@ -139,7 +145,9 @@ class MapSettings:
     batch_col: str
     pca_batch_col: str | None    # None: batch_col
     annotations: str             # the relationship-table folder
-    channels: int                # the dataset's channel count (what the model gets)
+    channels: tuple[str, ...]    # the channels the model gets, in order (eval.channels; default the dataset's)
+    channel_index: tuple[int, ...]   # their indices among the dataset's channels
+    channel_ids: tuple[int, ...]     # their ids in the run's channel vocabulary (positions without one)
 
 
 def dataset_controls(manifest: dict[str, Any], control: str, where: str) -> tuple[str, tuple[str, ...]]:
@@ -167,20 +175,38 @@ def dataset_controls(manifest: dict[str, Any], control: str, where: str) -> tupl
     return ranked[0], tuple(ranked[1:])
 
 
-def check_channels(model_cfg: Any, channels: int, names: list[str], dataset_dir: str, workdir: str) -> None:
-    """The dataset's crops go to the model with their own channel count: a channel-agnostic model (ca_mae)
-    takes 1 to max_channels channels, any other exactly in_channels."""
+def check_channels(model_cfg: Any, vocabulary: str | None, names: list[str], wanted: str, dataset_dir: str,
+                   workdir: str) -> tuple[list[int], list[int]]:
+    """Which of the dataset's channels (`names`) go to the model, in which order, with their vocabulary ids:
+    (indices into `names`, ids). `vocabulary`: the run's channel vocabulary (its checkpoint's meta
+    `channels`; None for a run from before vocabularies or a converted model: ids are positions).
+    `wanted` (eval.channels): "" = the dataset's channels, or names. A channel-agnostic model (ca_mae) takes
+    any 1 to max_channels of them in any order; any other model exactly its training channels, found by name
+    in whatever order the dataset has them (without a vocabulary: the dataset's as stored, in_channels of
+    them). EvalSetupError otherwise, naming the dataset, the channels and the key."""
     name, in_channels = model_cfg.name, int(model_cfg.in_channels)
+    vocab = channels_lib.parse(vocabulary) if vocabulary else None
+    fixed = vocab.labels if vocab is not None and name != "ca_mae" else None
+    try:
+        indices, ids = channels_lib.select(vocab, names, wanted, dataset_dir, fixed=fixed)
+    except channels_lib.ChannelError as e:
+        raise EvalSetupError(str(e)) from None
+    given = f"{dataset_dir} has {len(names)} channels ({', '.join(names)})" if not wanted else (
+        f"eval.channels={wanted!r} gives {len(indices)} channels")
     if name == "ca_mae":
         limit = int(model_cfg.max_channels or in_channels)
-        if not 1 <= channels <= limit:
-            raise EvalSetupError(f"{dataset_dir} has {channels} channels ({', '.join(names)}); the channel-agnostic "
-                                 f"model of {workdir} takes 1 to {limit} (model.max_channels): evaluate it on a "
-                                 f"dataset of at most {limit} channels (e.g. build it with --channels)")
-    elif channels != in_channels:
-        raise EvalSetupError(f"{dataset_dir} has {channels} channels ({', '.join(names)}); the {name} model of "
-                             f"{workdir} takes exactly {in_channels} (model.in_channels): evaluate it on a dataset "
-                             f"of its channels, or use a channel-agnostic model (model.name=ca_mae)")
+        if not 1 <= len(indices) <= limit:
+            raise EvalSetupError(f"{given}; the channel-agnostic model of {workdir} takes 1 to {limit} "
+                                 f"(model.max_channels): evaluate it on at most {limit} channels (--config.eval."
+                                 f"channels=NAMES picks them)")
+        if vocab is not None and max(ids) >= in_channels:
+            raise EvalSetupError(f"{given}; the channel ids {ids} do not fit the {in_channels} channels the "
+                                 f"channel-agnostic model of {workdir} was built for (model.in_channels)")
+    elif len(indices) != in_channels:
+        raise EvalSetupError(f"{given}; the {name} model of {workdir} takes exactly {in_channels} "
+                             f"(model.in_channels): evaluate it on a dataset of its channels, or use a "
+                             f"channel-agnostic model (model.name=ca_mae)")
+    return indices, ids
 
 
 def map_settings(e: ml_collections.ConfigDict, manifest: dict[str, Any], dataset_dir: str) -> MapSettings:
@@ -194,7 +220,8 @@ def map_settings(e: ml_collections.ConfigDict, manifest: dict[str, Any], dataset
     control, drop = dataset_controls(manifest, e.control, dataset_dir)
     return MapSettings(control=control, drop=drop, batch_col=e.batch_col, pca_batch_col=e.pca_batch_col or None,
                        annotations=find_annotations(e.annotations, dataset_dir),
-                       channels=int(manifest["crop_shape"][0]))
+                       channels=tuple(manifest["channels"]), channel_index=tuple(range(len(manifest["channels"]))),
+                       channel_ids=tuple(range(len(manifest["channels"]))))
 
 
 def check_annotations(workdir: str, dataset_dir: str | None, overrides: dict[str, Any] | None = None,
@@ -234,7 +261,10 @@ def check_annotations(workdir: str, dataset_dir: str | None, overrides: dict[str
             raise
         raise AnnotationError(str(err)) from err
     if kind in MODEL_FEATURES:
-        check_channels(config.model, settings.channels, dataset.channels, dataset_dir, workdir)
+        index, ids = check_channels(config.model, meta.get("channels"), dataset.channels, e.channels, dataset_dir,
+                                    workdir)
+        settings = dataclasses.replace(settings, channels=tuple(dataset.channels[i] for i in index),
+                                       channel_index=tuple(index), channel_ids=tuple(ids))
     genes = dataset.metadata["perturbation"].astype(str).unique()
     left_out = {settings.control, *settings.drop}
     try:
@@ -296,7 +326,8 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
         stored = config_lib.complete(ckpts.meta(step)["config"])
         ckpts.close()
         model = features_model(kind, stored, run_checkpoint_dir(workdir), step)
-    feats, meta, config, dataset_dir, step = features_for(kind, workdir, dataset_dir, batch_size, model=model)
+    feats, meta, config, dataset_dir, step = features_for(kind, workdir, dataset_dir, batch_size, model=model,
+                                                          settings=settings)
     t_embed = time.time() - t0
     e = eval_config(config.eval, overrides)
     report = screen.evaluate_blocks(
@@ -313,7 +344,7 @@ def evaluate(kind: str, workdir: str, *, dataset_dir: str | None = None, out_dir
                   map_settings={**dataclasses.asdict(settings), "drop": list(settings.drop)})
     out_dir = out_dir or os.path.join(workdir, "eval", kind)
     report["outputs"] = screen.write_outputs(report, out_dir, title=f"{kind} ({config.model.variant})")
-    write_metrics(report, config, out_dir, step, model=model, dataset_dir=dataset_dir)
+    write_metrics(report, config, out_dir, step, model=model, dataset_dir=dataset_dir, settings=settings)
     return report
 
 
@@ -341,10 +372,10 @@ def eval_scalars(report: dict[str, Any]) -> dict[str, float]:
 
 
 def write_metrics(report: dict[str, Any], config: ml_collections.ConfigDict, out_dir: str, step: int, *,
-                  model=None, dataset_dir: str | None = None) -> None:
+                  model=None, dataset_dir: str | None = None, settings: MapSettings | None = None) -> None:
     """`eval_scalars` at the checkpoint's step, and for an autoencoder a picture of its reconstructions
-    (masked input, reconstruction, target, per channel: eval/reconstruction.py) as eval/reconstruction, to
-    the run's writers (`eval_writers`) under `out_dir`."""
+    (masked input, reconstruction, target, per channel: eval/reconstruction.py; the channels `settings`
+    chose) as eval/reconstruction, to the run's writers (`eval_writers`) under `out_dir`."""
     spec = eval_writers(config)
     if not spec:
         return
@@ -356,8 +387,10 @@ def write_metrics(report: dict[str, Any], config: ml_collections.ConfigDict, out
         if model is not None and dataset_dir and int(config.model.get("decoder_depth", 1)) > 0:
             from eval.reconstruction import reconstruction_picture
             from maejax.input_pipeline import open_dataset
-            image = reconstruction_picture(model, open_dataset(dataset_dir), config.data.normalize,
-                                           int(config.data.crop_size), seed=int(config.seed))
+            image = reconstruction_picture(
+                model, open_dataset(dataset_dir), config.data.normalize, int(config.data.crop_size),
+                seed=int(config.seed), channels=None if settings is None else settings.channel_index,
+                channel_ids=settings.channel_ids if settings is not None and config.model.name == "ca_mae" else None)
             if image is not None:
                 writer.write_images(step, {"eval/reconstruction": image})
     finally:
@@ -413,7 +446,7 @@ def summary(report: dict[str, Any]) -> str:
     ms = report.get("map_settings")
     if ms:
         dropped = f" (left out: {', '.join(ms['drop'])})" if ms["drop"] else ""
-        lines.append(f"  map: {ms['channels']} channels, control {ms['control']}{dropped}, batches {ms['batch_col']}, "
+        lines.append(f"  map: {len(ms['channels'])} channels ({', '.join(ms['channels'])}), control {ms['control']}{dropped}, batches {ms['batch_col']}, "
                      f"PCA up to {report['pca_components']}, {report['correction']}, tables {ms['annotations']}")
     for name, t in report["tasks"].items():
         if "skipped" in t:

@@ -95,12 +95,14 @@ PICTURE_CROPS = 4      # crops in eval.job's picture
 MASK_GREY = 128        # the masked patches' grey in the masked-input panel
 
 
-def masked_views(model, images: np.ndarray, key: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def masked_views(model, images: np.ndarray, key: jax.Array, channel_ids: Sequence[int] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """An autoencoder (MAE, CA-MAE, MU-Net) on normalised images (N, C, H, W) with its own random masks ->
     (masked input with NaN on the masked patches, reconstruction: the prediction on the masked patches and
     the visible pixels elsewhere, target: the images), each (N, C, H, W) float32. With `norm_pix_loss` the
     prediction (per-patch normalised) is mapped back with each patch's mean and std, as the MAE paper's
-    figures do. None for a model that does not reconstruct (supervised)."""
+    figures do. None for a model that does not reconstruct (supervised). `channel_ids`: a CA-MAE's
+    vocabulary id of each image channel (its decoders; default 0..C-1)."""
     from maejax.models.ca_mae import CAMAE, channel_images, channel_patches
     from maejax.models.mae import MAE
     from maejax.models.munet import MUNet
@@ -126,7 +128,8 @@ def masked_views(model, images: np.ndarray, key: jax.Array) -> tuple[np.ndarray,
         p = m.enc_cfg.patch
         grid = (h // p, w // p)
         if isinstance(m, CAMAE):
-            pred, _, mask, _ = m(x, k)
+            ids = None if channel_ids is None else jnp.broadcast_to(jnp.asarray(channel_ids, jnp.int32), (b, c))
+            pred, _, mask, _ = m(x, k, channel_ids=ids)
             if m.norm_pix_loss:
                 pred = denormalise(pred, channel_patches(x, p))
             return channel_images(pred, p, c, grid), pixels(mask, p, c)
@@ -176,8 +179,12 @@ def dataset_crops(dataset, normalize: str, crop_size: int, num: int = PICTURE_CR
 
 
 def reconstruction_picture(model, dataset, normalize: str, crop_size: int, seed: int = 0,
-                           num: int = PICTURE_CROPS) -> np.ndarray | None:
+                           num: int = PICTURE_CROPS, channels: Sequence[int] | None = None,
+                           channel_ids: Sequence[int] | None = None) -> np.ndarray | None:
     """The picture (`picture`) of `model` on `num` crops of `dataset` with the masks of `seed`; None for a
-    model that does not reconstruct."""
-    views = masked_views(model, dataset_crops(dataset, normalize, crop_size, num), jax.random.key(seed))
+    model that does not reconstruct. `channels` / `channel_ids`: as eval.embed.Embedder's."""
+    crops = dataset_crops(dataset, normalize, crop_size, num)
+    if channels is not None:
+        crops = crops[:, list(channels)]
+    views = masked_views(model, crops, jax.random.key(seed), channel_ids)
     return None if views is None else picture(*views)

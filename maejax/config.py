@@ -61,6 +61,13 @@ def base() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.dir = ""              # dataset directory (maejax.records.LAYOUT)
+    # Several datasets, sampled by weight (grain mixing): "DIR=WEIGHT,DIR=WEIGHT" (data.dir stays ""); each
+    # may have its own channels (a channel-agnostic model gets them padded, with channel_ids / channel_mask)
+    c.data.mixture = ""
+    # Channel vocabulary (maejax.channels): the channel identities the model's channel ids index. "" = the
+    # channels of data.dir (or of the mixture's datasets, in order of first appearance); a preset (rxrx1 |
+    # rxrx3_core | jump_cp | synthetic | cell_painting); or names "DNA|Hoechst,ER|ConA,..." (| = aliases)
+    c.data.channels = ""
     c.data.batch_size = 64       # global batch size (all processes)
     c.data.crop_size = 64        # model input size; records may be larger (random crop)
     c.data.normalize = "crop"    # crop (self-standardisation, the papers') | plate (maejax.preprocess)
@@ -132,6 +139,10 @@ def base() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128
+    # Channels given to the model, by name, in this order: "" = the dataset's, as stored (a fixed-channel
+    # model: its training channels, found by name); "DNA,RNA,Mito" = that subset and order (channel-agnostic
+    # models; names through the run's channel vocabulary)
+    c.eval.channels = ""
     # Map building, shared with `eval.map_benchmark`'s defaults: the EFAAR reference settings
     # (efaar_benchmarking 1.0: PCA 128, TVN on each batch's controls, recall at (0.05, 0.95) and (0.1, 0.9)).
     c.eval.pca_components = 128          # at most: fewer when the map has fewer wells or features; 0 = no PCA

@@ -11,6 +11,12 @@ table and every batch says which records it holds. Augmentation draws its random
 per-position RNG, so a given (seed, position in the stream) always yields the same crop, and an
 iterator restored from `get_state()` reproduces the original stream exactly.
 
+A mixture of datasets (`data.mixture`: several dataset directories with sampling weights, each with its own
+channel list) runs the same stages per dataset (own slice, own seeded shuffle, repeat), mixes them with
+grain's `MapDataset.mix` by weight, then reads and augments each example from its dataset. Its batches
+also carry `channel_ids` and `channel_mask`, padded to the largest channel count (see `Source`), and
+`dataset`; the state, exact resume and per-process streams work as for one dataset.
+
 Eval: `iterate_records` walks the records in record_id order, once each, as uint8 batches.
 """
 from __future__ import annotations
@@ -26,8 +32,9 @@ import grain
 import numpy as np
 import pandas as pd
 
-from maejax import records
+from maejax import channels as channels_lib
 from maejax import preprocess
+from maejax import records
 from maejax.records import LAYOUT
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +167,93 @@ def _say_unverified_once(manifest_path: Path) -> None:
         manifest_path, manifest_path.parent)
 
 
+def parse_mixture(mixture: str, data_dir: str) -> list[tuple[str, float]]:
+    """`data.mixture` ("DIR=WEIGHT,DIR=WEIGHT"; a DIR without =WEIGHT weighs 1) -> [(dir, weight)];
+    "" -> [(data.dir, 1.0)]. Setting both is an error: every dataset of a mixture is listed in it."""
+    mixture = (mixture or "").strip()
+    if not mixture:
+        if not data_dir:
+            raise channels_lib.MixtureError("no training data: set data.dir=DATASET (or data.mixture=DIR=WEIGHT,DIR=WEIGHT)")
+        return [(data_dir, 1.0)]
+    if data_dir:
+        raise channels_lib.MixtureError(f"data.dir={data_dir!r} and data.mixture={mixture!r} are both set: list every dataset "
+                         f"in data.mixture (DIR=WEIGHT,...) and leave data.dir empty")
+    out = []
+    for item in mixture.split(","):
+        path, eq, weight = item.strip().rpartition("=")
+        if not eq:
+            path, weight = weight, "1"
+        try:
+            w = float(weight)
+        except ValueError:
+            raise channels_lib.MixtureError(f"data.mixture item {item.strip()!r}: the weight {weight!r} is not a number "
+                             f"(DIR=WEIGHT)") from None
+        if not path or not w > 0:
+            raise channels_lib.MixtureError(f"data.mixture item {item.strip()!r}: give DIR=WEIGHT with a positive weight")
+        out.append((path, w))
+    if len({p for p, _ in out}) != len(out):
+        raise channels_lib.MixtureError(f"data.mixture={mixture!r} lists a dataset twice")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainData:
+    """The training datasets of a config (`open_train_data`) and their channels."""
+    sources: list["Source"]
+    vocabulary: channels_lib.Vocabulary
+    channel_slots: int          # channels of every batch image (the largest dataset's; padding is masked)
+    with_channels: bool         # batches carry channel_ids / channel_mask (a channel-agnostic model)
+
+    @property
+    def datasets(self) -> list[Dataset]:
+        return [s.dataset for s in self.sources]
+
+
+def open_train_data(data: Any, model: Any) -> TrainData:
+    """Opens `data.dir` or every dataset of `data.mixture`, maps each one's channels to the vocabulary of
+    `data.channels` (maejax.channels; an unknown name is an error naming the dataset and the channel) and
+    checks that the model (the config's model section) takes them: a channel-agnostic model (ca_mae) up to
+    `max_channels` per crop and one decoder per vocabulary id (`in_channels`), any other model exactly
+    `in_channels` channels, the same list in the same order in every dataset."""
+    entries = parse_mixture(data.mixture, data.dir)
+    datasets = [open_dataset(path) for path, _ in entries]
+    vocabulary = channels_lib.parse(data.channels, [ds.channels for ds in datasets])
+    sources = [Source(ds, w, tuple(vocabulary.ids(ds.channels, str(ds.path)))) for ds, (_, w) in zip(datasets, entries)]
+    slots = max(ds.crop_shape[0] for ds in datasets)
+    name, in_channels = model.name, int(model.in_channels)
+    if name == "ca_mae":
+        limit = int(model.max_channels or in_channels)
+        widest = max(datasets, key=lambda ds: ds.crop_shape[0])
+        if slots > limit:
+            raise channels_lib.ChannelError(
+                f"{widest.path} has {slots} channels; the channel-agnostic model takes at most {limit} per crop "
+                f"(model.max_channels, 0 = model.in_channels): raise model.max_channels")
+        top = max(max(s.channel_ids) for s in sources)
+        if top >= in_channels:
+            source = next(s for s in sources if top in s.channel_ids)
+            channel = source.dataset.channels[source.channel_ids.index(top)]
+            raise channels_lib.ChannelError(
+                f"{source.dataset.path}: channel {channel!r} is channel {top} of the vocabulary "
+                f"[{vocabulary.spec()}], but the CA-MAE has model.in_channels={in_channels} decoders (one per "
+                f"vocabulary channel): set model.in_channels={len(vocabulary)}")
+    else:
+        first = sources[0]
+        for other in sources[1:]:
+            if other.channel_ids != first.channel_ids:
+                raise channels_lib.ChannelError(
+                    f"the {name} model takes one fixed list of channels, but {first.dataset.path} has "
+                    f"{first.dataset.channels} and {other.dataset.path} has {other.dataset.channels}: mix "
+                    f"datasets of the same channels in the same order, or use model.name=ca_mae")
+        if slots != in_channels:
+            raise channels_lib.ChannelError(
+                f"{first.dataset.path} has {slots} channels ({', '.join(first.dataset.channels)}); the {name} "
+                f"model takes exactly model.in_channels={in_channels}")
+        if name == "supervised" and len(sources) > 1:
+            raise channels_lib.MixtureError(f"data.mixture: the supervised model's labels index one dataset's perturbations; "
+                             f"{len(sources)} datasets have {len(sources)} label sets: train it on one (data.dir)")
+    return TrainData(sources, vocabulary, slots, with_channels=name == "ca_mae")
+
+
 def _as_dataset(dataset: str | os.PathLike | Dataset) -> Dataset:
     return dataset if isinstance(dataset, Dataset) else open_dataset(dataset)
 
@@ -198,8 +292,48 @@ class _TrainExample(grain.transforms.RandomMap):
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One dataset of a training mixture: its sampling weight and the vocabulary id of each of its record
+    channels (maejax.channels)."""
+    dataset: Dataset
+    weight: float
+    channel_ids: tuple[int, ...]
+
+
+class _Offset(grain.transforms.Map):
+    """A dataset's record_id -> the mixture's element id (record_id + the dataset's offset)."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+
+    def map(self, record_id):
+        return self.offset + int(record_id)
+
+
+class _MixtureExample(grain.transforms.RandomMap):
+    """Mixture element id -> its dataset's training example, channels padded to `slots` (zeros), with
+    channel_ids (padding: 0), channel_mask (False for padding) and `dataset` (the source's index)."""
+
+    def __init__(self, parts: list[_TrainExample], offsets: list[int], channel_ids: list[tuple[int, ...]],
+                 slots: int):
+        self.parts, self.offsets, self.slots = parts, np.asarray(offsets), slots
+        self.channel_ids = [np.pad(np.asarray(ids, np.int32), (0, slots - len(ids))) for ids in channel_ids]
+        self.channel_mask = [np.arange(slots) < len(ids) for ids in channel_ids]
+
+    def random_map(self, element, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        k = int(np.searchsorted(self.offsets, int(element), side="right")) - 1
+        out = self.parts[k].random_map(int(element) - int(self.offsets[k]), rng)
+        image = out["image"]
+        if image.shape[0] < self.slots:
+            image = np.concatenate([image, np.zeros((self.slots - image.shape[0], *image.shape[1:]), image.dtype)])
+        out.update(image=image, channel_ids=self.channel_ids[k], channel_mask=self.channel_mask[k],
+                   dataset=np.int32(k))
+        return out
+
+
 def make_train_iterator(
-    dataset: str | os.PathLike | Dataset,
+    dataset: str | os.PathLike | Dataset | list[Source],
     *,
     batch_size: int,
     crop_size: int,
@@ -213,7 +347,8 @@ def make_train_iterator(
     num_channels: int | None = None,
     read_threads: int = 8,
     normalize: str = "crop",
-    plate_stats: dict | None = None,
+    plate_stats: dict | list | None = None,
+    channel_slots: int | None = None,
 ) -> grain.DatasetIterator:
     """Returns an iterator over this process's training batches.
 
@@ -233,14 +368,24 @@ def make_train_iterator(
     (`mp_prefetch`); batches are the same for 0 and 1 worker, and a saved state must be restored with
     the same num_workers. read_threads: grain read threads per process. The returned iterator supports
     `get_state()` / `set_state()` and `grain.checkpoint.CheckpointSave` / `CheckpointRestore`.
+
+    `dataset` a list of `Source`s (a mixture; `open_sources` builds it from a config): each dataset is split
+    over the processes, shuffled (its own seed, derived from `seed`) and repeated on its own, then they are
+    mixed by weight; `num_channels` does not apply (the trainer checks the channels: `check_channels`) and
+    the batches gain channel_ids int32 and channel_mask bool (B, channel_slots; default the largest channel
+    count) and dataset int32 (the source's index); `record_id` is within the record's dataset.
     """
+    if isinstance(dataset, (list, tuple)):
+        return _mixture_iterator(
+            list(dataset), batch_size=batch_size, crop_size=crop_size, seed=seed, num_workers=num_workers,
+            flip=flip, rot90=rot90, process_index=process_index, process_count=process_count,
+            num_epochs=num_epochs, read_threads=read_threads, normalize=normalize,
+            plate_stats=plate_stats, channel_slots=channel_slots)
     ds = _as_dataset(dataset)
-    channels, height, width = ds.crop_shape
-    manifest_path = ds.path / LAYOUT.manifest
-    if num_channels is not None and num_channels != channels:
-        raise ValueError(f"asked for {num_channels} channels; {manifest_path} says records have {channels}")
-    if not 0 < crop_size <= min(height, width):
-        raise ValueError(f"crop_size {crop_size} does not fit records of {height}x{width} ({manifest_path})")
+    if num_channels is not None and num_channels != ds.crop_shape[0]:
+        raise ValueError(f"asked for {num_channels} channels; {ds.path / LAYOUT.manifest} says records have "
+                         f"{ds.crop_shape[0]}")
+    example = _train_example(ds, crop_size, flip, rot90, normalize, plate_stats)
     process_index, process_count = _process_slot(process_index, process_count)
     if batch_size % process_count:
         raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
@@ -248,18 +393,12 @@ def make_train_iterator(
     per_process = len(ds) // process_count
     if per_process < local_batch:
         raise ValueError(f"{ds.path}: {per_process} records per process, fewer than one batch of {local_batch}")
-
-    preprocess.check_normalization(normalize)
-    moments = None
-    if normalize == "plate":
-        moments = preprocess.plate_moments(ds.metadata, plate_stats or preprocess.plate_statistics(ds))
-    example = _TrainExample(
-        ds.reader,
-        labels=ds.metadata["label"].to_numpy(np.int32),
-        is_control=ds.metadata["is_control"].to_numpy(bool),
-        crop_size=crop_size, flip=flip, rot90=rot90, normalize=normalize, moments=moments)
     record_ids = grain.MapDataset.range(len(ds))[process_index::process_count][:per_process]
     examples = record_ids.seed(seed).shuffle().repeat(num_epochs).random_map(example)
+    return _batched(examples, local_batch, read_threads, num_workers)
+
+
+def _batched(examples: grain.MapDataset, local_batch: int, read_threads: int, num_workers: int):
     batches = examples.to_iter_dataset(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * local_batch)
     ).batch(local_batch, drop_remainder=True)
@@ -268,6 +407,61 @@ def make_train_iterator(
         batches = batches.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=4))
     return iter(batches)
+
+
+def _train_example(ds: Dataset, crop_size: int, flip: bool, rot90: bool, normalize: str,
+                   plate_stats: dict | None) -> _TrainExample:
+    channels, height, width = ds.crop_shape
+    if not 0 < crop_size <= min(height, width):
+        raise ValueError(f"crop_size {crop_size} does not fit records of {height}x{width} "
+                         f"({ds.path / LAYOUT.manifest})")
+    preprocess.check_normalization(normalize)
+    moments = None
+    if normalize == "plate":
+        moments = preprocess.plate_moments(ds.metadata, plate_stats or preprocess.plate_statistics(ds))
+    return _TrainExample(
+        ds.reader, labels=ds.metadata["label"].to_numpy(np.int32),
+        is_control=ds.metadata["is_control"].to_numpy(bool),
+        crop_size=crop_size, flip=flip, rot90=rot90, normalize=normalize, moments=moments)
+
+
+def _mixture_iterator(sources: list[Source], *, batch_size: int, crop_size: int, seed: int, num_workers: int,
+                      flip: bool, rot90: bool, process_index: int | None, process_count: int | None,
+                      num_epochs: int | None, read_threads: int, normalize: str,
+                      plate_stats: list | None, channel_slots: int | None) -> grain.DatasetIterator:
+    if not sources:
+        raise ValueError("a mixture needs at least one dataset")
+    weights = [float(s.weight) for s in sources]
+    if any(not w > 0 for w in weights):
+        raise ValueError(f"mixture weights must be positive, got {weights}")
+    process_index, process_count = _process_slot(process_index, process_count)
+    if batch_size % process_count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
+    local_batch = batch_size // process_count
+    slots = max(len(s.channel_ids) for s in sources) if channel_slots is None else channel_slots
+    parts, offsets, components, total = [], [], [], 0
+    for k, source in enumerate(sources):
+        ds = source.dataset
+        if len(source.channel_ids) != ds.crop_shape[0]:
+            raise ValueError(f"{ds.path}: {ds.crop_shape[0]} channels but {len(source.channel_ids)} channel ids")
+        if len(source.channel_ids) > slots:
+            raise ValueError(f"{ds.path}: {len(source.channel_ids)} channels, more than the batch's {slots} slots")
+        per_process = len(ds) // process_count
+        if per_process < 1:
+            raise ValueError(f"{ds.path}: {len(ds)} records, fewer than one per process ({process_count})")
+        parts.append(_train_example(ds, crop_size, flip, rot90, normalize,
+                                    plate_stats[k] if plate_stats else None))
+        offsets.append(total)
+        # the first dataset's shuffle is the plain pipeline's (one dataset gives its stream); the others' own
+        own_seed = seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        ids = grain.MapDataset.range(len(ds))[process_index::process_count][:per_process]
+        stream = ids.seed(own_seed).shuffle().repeat(num_epochs)
+        components.append(stream.map(_Offset(total)) if total else stream)
+        total += len(ds)
+    # One dataset: its stream as the plain pipeline has it (any stage before random_map changes its draws).
+    mixed = components[0] if len(components) == 1 else grain.MapDataset.mix(components, weights).seed(seed)
+    example = _MixtureExample(parts, offsets, [s.channel_ids for s in sources], slots)
+    return _batched(mixed.random_map(example), local_batch, read_threads, num_workers)
 
 
 def iterate_records(

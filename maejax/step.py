@@ -24,18 +24,27 @@ from maejax.config import check_known
 from maejax.state import StateLayout
 
 BATCH_KEYS = {"image": 4, "label": 1}  # what the step reads from a batch, with its rank
+# ... and a channel-agnostic model (ca_mae) also: each image channel's vocabulary id, and which are real
+CHANNEL_KEYS = {"channel_ids": 2, "channel_mask": 2}
 
 
-def batch_shardings(mesh: Mesh, rules) -> dict[str, NamedSharding]:
-    return {k: shd.batch_sharding(mesh, rules, ndim) for k, ndim in BATCH_KEYS.items()}
+def batch_keys(config: ml_collections.ConfigDict) -> dict[str, int]:
+    return {**BATCH_KEYS, **(CHANNEL_KEYS if config.model.name == "ca_mae" else {})}
 
 
-def abstract_batch(config: ml_collections.ConfigDict, shardings: dict[str, NamedSharding]
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch as ShapeDtypeStructs with `shardings` (`batch_shardings`), for ahead-of-time lowering."""
-    b, c, s = int(config.data.batch_size), int(config.model.in_channels), int(config.data.crop_size)
-    return {"image": jax.ShapeDtypeStruct((b, c, s, s), jnp.float32, sharding=shardings["image"]),
-            "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=shardings["label"])}
+def batch_shardings(mesh: Mesh, rules, keys: dict[str, int] = BATCH_KEYS) -> dict[str, NamedSharding]:
+    return {k: shd.batch_sharding(mesh, rules, ndim) for k, ndim in keys.items()}
+
+
+def abstract_batch(config: ml_collections.ConfigDict, shardings: dict[str, NamedSharding],
+                   channels: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as ShapeDtypeStructs with `shardings` (`batch_shardings`), for ahead-of-time lowering;
+    `channels` per image (default model.in_channels)."""
+    b, s = int(config.data.batch_size), int(config.data.crop_size)
+    c = int(channels or config.model.in_channels)
+    shapes = {"image": ((b, c, s, s), jnp.float32), "label": ((b,), jnp.int32),
+              "channel_ids": ((b, c), jnp.int32), "channel_mask": ((b, c), jnp.bool_)}
+    return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=sh) for k, sh in shardings.items()}
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
@@ -143,6 +152,7 @@ class TrainSetup:
     layout: StateLayout
     batch_shardings: dict[str, NamedSharding]
     jitted: Callable      # (model_state, opt_state, batch, step) -> (model_state, opt_state, metrics)
+    channel_slots: int    # channels of a batch image (model.in_channels, or a mixture's largest dataset's)
 
     def activate(self):
         """The mesh and rules context every program of this step is traced and run under."""
@@ -156,10 +166,11 @@ class TrainSetup:
     def flops_per_example(self) -> float:
         """Analytic model FLOPs of one training crop (forward and backward), for MFU."""
         crop = int(self.config.data.crop_size)
-        return self.layout.abstract_model().flops_per_crop(crop, crop)["train"]
+        extra = {"channels": self.channel_slots} if self.config.model.name == "ca_mae" else {}
+        return self.layout.abstract_model().flops_per_crop(crop, crop, **extra)["train"]
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-        return abstract_batch(self.config, self.batch_shardings)
+        return abstract_batch(self.config, self.batch_shardings, self.channel_slots)
 
     def compile(self):
         """Lowers and compiles the step once for the abstract state and batch (no device memory is touched);
@@ -174,9 +185,12 @@ class TrainSetup:
                                     tx=self.tx, compiler_options=compiler_options(self.config))
 
 
-def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> TrainSetup:
+def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None,
+          channel_slots: int | None = None) -> TrainSetup:
     """Checks the config (keys, mesh, batch split, parameter shardings: errors that name the setting) and
-    sets its train step up on `devices` (default: all). Nothing is allocated or compiled."""
+    sets its train step up on `devices` (default: all) for batches of `channel_slots` channels (default
+    model.in_channels; the trainer's `input_pipeline.TrainData.channel_slots`). Nothing is allocated or
+    compiled."""
     check_known(config)
     mesh = shd.make_mesh(dict(config.mesh), devices)
     rules = shd.rules_from_config(config.sharding_rules)
@@ -184,13 +198,14 @@ def setup(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | Non
     total = int(config.total_steps)
     tx, lr_schedule = optim.make(config.optim, total), optim.schedule(config.optim, total)
     layout = state_lib.abstract(config.model, mesh, rules, seed=config.seed, tx=tx)
-    batch_sh = batch_shardings(mesh, rules)
+    batch_sh = batch_shardings(mesh, rules, batch_keys(config))
     with shd.activate(mesh, rules):
         jitted = jax.jit(make_train_step(layout, config, lr_schedule),
                          in_shardings=(layout.model_shardings, layout.opt_shardings, batch_sh, None),
                          out_shardings=(layout.model_shardings, layout.opt_shardings, None),
                          donate_argnums=(0, 1))
-    return TrainSetup(config, mesh, rules, tx, lr_schedule, layout, batch_sh, jitted)
+    return TrainSetup(config, mesh, rules, tx, lr_schedule, layout, batch_sh, jitted,
+                      int(channel_slots or config.model.in_channels))
 
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:

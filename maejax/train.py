@@ -17,6 +17,7 @@ stop with status 1 and one line naming the last good checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ from absl import logging
 from flax import nnx
 
 from maejax import config as config_lib, metrics as metrics_lib, mfu, preprocess, resume, step as step_lib
+from maejax.channels import ChannelError, MixtureError
 from maejax.checkpoint import CheckpointMismatchError, Checkpoints, run_checkpoint_dir
 from maejax.records import RecordError
 from maejax.resume import ConfigChangeError
@@ -79,8 +81,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         start = (ckpts.latest_step() or 0) if ckpts is not None else 0
         saved, changes, refused, history = resume.check_resume(config, workdir, ckpts, start, accept_config_change)
         from maejax import input_pipeline  # deferred: grain is heavy to import and eval jobs do not need it
-        dataset = input_pipeline.open_dataset(config.data.dir)   # opened once, for the check and every stream
-        _check_num_classes(config, dataset)
+        # The datasets (data.dir or data.mixture), their channels mapped to the vocabulary (data.channels) and
+        # checked against the model: opened once, for the checks and every stream.
+        train_data = input_pipeline.open_train_data(config.data, config.model)
+        train_setup = dataclasses.replace(train_setup, channel_slots=train_data.channel_slots)
+        _check_num_classes(config, train_data.datasets[0])
         os.makedirs(workdir, exist_ok=True)
         if ckpts is None:
             ckpts = Checkpoints(ckpt_dir, keep=int(config.keep_ckpts))
@@ -88,16 +93,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         # ------------------------------------------------------------------------------------------------
         # Input pipeline: this process's streams of the global batch
         # ------------------------------------------------------------------------------------------------
-        # Per-plate normalisation statistics: read once, shared by every stream.
-        plate_stats = (preprocess.plate_statistics(dataset) if preprocess.check_normalization(config.data.normalize)
-                       == "plate" else None)
+        # Per-plate normalisation statistics: read once per dataset, shared by every stream.
+        plate_stats = ([preprocess.plate_statistics(ds) for ds in train_data.datasets]
+                       if preprocess.check_normalization(config.data.normalize) == "plate" else None)
+        # One dataset for a fixed-channel model: the plain pipeline; a mixture, or a channel-agnostic model,
+        # the mixture pipeline (batches with channel_ids / channel_mask; one dataset gives the same crops).
+        mixed = len(train_data.sources) > 1 or train_data.with_channels
 
         def make_stream(index: int, count: int):
             return input_pipeline.make_train_iterator(
-                dataset, batch_size=batch, crop_size=config.data.crop_size, seed=config.seed,
+                train_data.sources if mixed else train_data.datasets[0], batch_size=batch,
+                crop_size=config.data.crop_size, seed=config.seed,
                 num_workers=config.data.workers, flip=config.data.flip, rot90=config.data.rot90,
-                normalize=config.data.normalize, plate_stats=plate_stats,
-                process_index=index, process_count=count, num_channels=config.model.in_channels)
+                normalize=config.data.normalize, plate_stats=plate_stats if mixed or plate_stats is None
+                else plate_stats[0], process_index=index, process_count=count)
 
         data_iter = StreamedBatches(make_stream, int(config.data.streams) or jax.process_count(), batch,
                                     jax.process_index(), jax.process_count())
@@ -190,7 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                 if ckpt_now or done % config.log_every == 0:
                     last = flush(done)  # raises NonFiniteError before anything after a bad step is saved
                 if ckpt_now:
-                    meta = {"step": done, "config": meta_config}
+                    meta = {"step": done, "config": meta_config, "channels": train_data.vocabulary.spec()}
                     if history:
                         meta["config_history"] = history
                     ckpts.save(done, model_state=model_state, optimizer_state=opt_state, data_iter=data_iter,
@@ -243,7 +252,7 @@ def _check_finite(rows: list[dict[str, np.ndarray]], first_step: int, last_saved
 # Errors the CLI reports as one line on stderr (no traceback), with their exit status: bad input 2 (what
 # was refused and what to do), a NaN stop 1.
 ONE_LINE_ERRORS = ((ConfigChangeError, 2), (CheckpointMismatchError, 2), (RecordError, 2),
-                   (metrics_lib.WriterError, 2), (NonFiniteError, 1))
+                   (metrics_lib.WriterError, 2), (ChannelError, 2), (MixtureError, 2), (NonFiniteError, 1))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, accept_config_change: bool = False) -> int:

@@ -182,7 +182,9 @@ def test_rxrx3_core_trained_run_evaluates_every_block_on_the_efaar_tables(rxrx3_
     check_report(report, blocks=2, probes=("perturbation",))
     settings = report["map_settings"]
     assert settings == {"control": "EMPTY_control", "drop": [], "batch_col": "experiment", "pca_batch_col": None,
-                        "annotations": annotations_lib.package_tables(), "channels": 6}
+                        "annotations": annotations_lib.package_tables(),
+                        "channels": ["Hoechst", "ConA", "Phalloidin", "Syto14", "MitoTracker", "WGA"],
+                        "channel_index": [0, 1, 2, 3, 4, 5], "channel_ids": [0, 1, 2, 3, 4, 5]}
     assert report["correction"] == "tvn" and report["pca_components"] == 128
     assert report["tasks"]["qc"]["skipped"]           # a real screen has no qc labels
     assert "control EMPTY_control" in out and "tvn" in out
@@ -244,7 +246,7 @@ def test_openphenom_every_block_on_6_and_4_channels(openphenom_run, tmp_path, mo
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     check_report(report, blocks=3, probes=("perturbation",) if channels == 6 else ())   # openphenom_small: 3 blocks
     settings = report["map_settings"]
-    assert settings["channels"] == channels and settings["annotations"] == str(tables)
+    assert len(settings["channels"]) == channels and settings["annotations"] == str(tables)
     expected = ("EMPTY", []) if channels == 6 else ("non-targeting", ["no-guide"])
     assert (settings["control"], settings["drop"]) == expected
     print(f"openphenom {channels} channels, recall per block: {[b['recall_mean'] for b in report['blocks']]}")
@@ -323,11 +325,11 @@ def test_errors_before_embedding(openphenom_run, rxrx3_run, tmp_path, monkeypatc
     model.update(name="ca_mae", in_channels=6, max_channels=8)
     with pytest.raises(job.EvalSetupError, match=r"d has 9 channels \(c0, .*\); the channel-agnostic model of w "
                                                  r"takes 1 to 8 \(model.max_channels\)"):
-        job.check_channels(model, 9, [f"c{i}" for i in range(9)], "d", "w")
+        job.check_channels(model, None, [f"c{i}" for i in range(9)], "", "d", "w")
     model.update(name="mae")
     with pytest.raises(job.EvalSetupError, match=r"the mae model of w takes exactly 6 \(model.in_channels\)"):
-        job.check_channels(model, 4, ["DNA", "ER", "RNA", "AGP"], "d", "w")
-    job.check_channels(model, 6, list("abcdef"), "d", "w")
+        job.check_channels(model, None, ["DNA", "ER", "RNA", "AGP"], "", "d", "w")
+    assert job.check_channels(model, None, list("abcdef"), "", "d", "w") == ([0, 1, 2, 3, 4, 5],) * 2
 
 
 def test_convert_refuses_a_used_workdir_and_keeps_out(openphenom_run, tmp_path, capsys):

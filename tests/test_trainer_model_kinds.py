@@ -1,5 +1,6 @@
 """Every model kind of maejax.models trains through the same `train(config, workdir)` path: two steps on a
-data 4 x fsdp 2 mesh from the tiny dataset (the MAE itself is trained by tests/test_trainer_processes.py)."""
+data 4 x fsdp 2 mesh from the tiny dataset (the MAE itself is trained by tests/test_trainer_processes.py, the
+CA-MAE on a mixture of channel lists by tests/test_channel_mixture.py)."""
 import numpy as np
 import pytest
 
@@ -8,7 +9,6 @@ from tests.tiny_training import losses, tiny_config, write_tiny_dataset
 
 # The tiny dataset has 4 perturbations: labels 0..3.
 MODELS = {
-    "ca_mae": {"model.name": "ca_mae", "model.in_channels": 6},
     "munet": {"model.name": "munet", "model.variant": "mu/8", "model.mask_ratio": 0.5},
     # A ViT backbone; the CNN backbone goes through the same loss (tests/test_cnn_models.py).
     "supervised": {"model.name": "supervised", "model.num_classes": 4},
