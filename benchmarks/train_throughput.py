@@ -116,11 +116,7 @@ def measure(config, steps: int) -> dict:
     t0 = time.perf_counter()
     compiled = train_setup.compile()
     compile_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-    shapes = train_setup.abstract_batch()
-    images = rng.standard_normal(shapes["image"].shape, np.float32)
-    batch = {"image": jax.device_put(images, shapes["image"].sharding),
-             "label": jax.device_put(np.zeros(shapes["label"].shape, np.int32), shapes["label"].sharding)}
+    batch = step_lib.device_batch(train_setup.abstract_batch())
     with train_setup.activate():
         for i in range(2):   # warm-up: first executions allocate
             model_state, opt_state, metrics = compiled(model_state, opt_state, batch, step_lib.step_arg(i))

@@ -47,6 +47,18 @@ def abstract_batch(config: ml_collections.ConfigDict, shardings: dict[str, Named
     return {k: jax.ShapeDtypeStruct(*shapes[k], sharding=sh) for k, sh in shardings.items()}
 
 
+def device_batch(shapes: dict[str, jax.ShapeDtypeStruct], seed: int = 0) -> dict[str, jax.Array]:
+    """A batch of `abstract_batch`'s shapes on its shardings, for benchmarks: standard-normal images, label 0,
+    every channel real (channel_mask True) with ids 0..C-1."""
+    rng = np.random.default_rng(seed)
+    b, c = shapes["image"].shape[:2]
+    values = {"image": lambda: rng.standard_normal(shapes["image"].shape, np.float32),
+              "label": lambda: np.zeros((b,), np.int32),
+              "channel_ids": lambda: np.broadcast_to(np.arange(c, dtype=np.int32), (b, c)).copy(),
+              "channel_mask": lambda: np.ones((b, c), bool)}
+    return {k: jax.device_put(values[k](), sh.sharding) for k, sh in shapes.items()}
+
+
 def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
     """The global batch (and each microbatch) must split evenly over the data-parallel devices (the mesh
     axes the config's rules put the batch on) and the processes; checked before anything is built."""

@@ -10,6 +10,8 @@ from data.synthetic_screen import generate_screen
 from maejax import channels, config as config_lib
 from maejax.input_pipeline import Source, make_train_iterator, open_dataset, open_train_data, parse_mixture
 from maejax.streams import StreamedBatches
+from tests.test_input_pipeline import assert_same_batches, take
+from tests.test_real_screen_eval import run_eval
 
 TRAIN = dict(batch_size=8, crop_size=24, seed=3, process_index=0, process_count=1)
 FIVE = "Mito,AGP,DNA,RNA,ER"   # a 5-channel rendering of the same screen, in another order
@@ -23,18 +25,6 @@ def screens(tmp_path_factory):
     six = open_dataset(generate_screen(root / "six", preset="tiny", seed=1))
     five = open_dataset(generate_screen(root / "five", preset="tiny", seed=1, channels=FIVE))
     return six, five
-
-
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 def sources(six, five, weights=(1.0, 1.0), spec=""):
@@ -170,18 +160,6 @@ def test_open_train_data_maps_channels_and_refuses_what_the_model_cannot_take(sc
     assert parse_mixture("gs://bucket/a=0.5, /data/b", "") == [("gs://bucket/a", 0.5), ("/data/b", 1.0)]
 
 
-def run_eval(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from eval import job
-    monkeypatch.setattr("sys.argv", ["eval.job", *map(str, args)])
-    try:
-        job.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_ca_mae_trains_on_the_mixture_resumes_and_evaluates_any_channel_subset(screens, tmp_path, monkeypatch,
                                                                                capsys):
     """The trainer on a 6 + 5 channel mixture (a CA-MAE; batches padded to 6 with the mask reaching the loss),
@@ -220,3 +198,20 @@ def test_ca_mae_trains_on_the_mixture_resumes_and_evaluates_any_channel_subset(s
     code, _, err = run_eval(monkeypatch, capsys, f"--workdir={workdir}", f"--dataset={five.path}",
                             f"--out={tmp_path / 'bad'}", "--config.eval.channels=DNA,Golgi")
     assert code == 2 and err.strip().startswith(f"EvalSetupError: {five.path}: no channel 'Golgi' among its channels")
+
+
+def test_the_trainer_refuses_a_mixture_its_model_cannot_take_in_one_line(screens, tmp_path, capsys):
+    """`python -m maejax.train`'s run(): a fixed-channel MAE on a 6 + 5 channel mixture, and a mixture with a
+    bad weight: one line on stderr, exit 2, no workdir."""
+    from maejax.train import run
+    from tests.tiny_training import tiny_config
+    six, five = screens
+    for mixture, expected in ((f"{six.path}=1,{five.path}=1", "ChannelError: the mae model takes one fixed list "
+                                                              f"of channels, but {six.path} has ['DNA', "),
+                              (f"{six.path}=heavy", f"MixtureError: data.mixture item '{six.path}=heavy': the "
+                                                    f"weight 'heavy' is not a number (DIR=WEIGHT)")):
+        config = tiny_config("", **{"data.mixture": mixture})
+        assert run(config, str(tmp_path / "run")) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(expected), err
+        assert not (tmp_path / "run").exists()

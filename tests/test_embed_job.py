@@ -73,7 +73,7 @@ def start(setup, out, *, processes=1, devices=4, log=None):
     return procs
 
 
-def finish(procs, out, rc=0, timeout=120):
+def finish(procs, out, rc=0, timeout=300):
     for i, p in enumerate(procs):
         assert p.wait(timeout=timeout) == rc, open(f"{out}.{i}.log").read()[-3000:]
 

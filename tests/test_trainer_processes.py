@@ -40,7 +40,7 @@ def start(setup, name, devices=8, **overrides):
     return workdir, tt.start(workdir, dict(run, **overrides), devices=devices, **env)
 
 
-def finish(proc, workdir, timeout=120, rc=0):
+def finish(proc, workdir, timeout=300, rc=0):
     assert proc.wait(timeout=timeout) == rc, open(f"{workdir}.log").read()[-3000:]
 
 
@@ -71,7 +71,7 @@ def test_uninterrupted_run_reports_and_keeps_the_last_three_checkpoints(setup, r
 
 def test_sigterm_saves_at_the_next_step_and_the_resumed_run_matches(setup, reference):
     workdir, proc = start(setup, "sigterm")
-    tt.wait_for(lambda: len(tt.losses(workdir)) >= 3, proc, 120, "step 3", f"{workdir}.log")
+    tt.wait_for(lambda: len(tt.losses(workdir)) >= 3, proc, 300, "step 3", f"{workdir}.log")
     proc.send_signal(signal.SIGTERM)
     finish(proc, workdir, rc=PREEMPTED_EXIT_CODE)  # a clean exit, not a kill
     stopped = max(tt.losses(workdir))
@@ -86,7 +86,7 @@ def test_sigterm_saves_at_the_next_step_and_the_resumed_run_matches(setup, refer
 
 def test_sigkill_mid_run_then_resume_reproduces_the_losses(setup, reference):
     workdir, proc = start(setup, "sigkill")
-    tt.wait_for(lambda: (workdir / "checkpoints" / "6").is_dir() and len(tt.losses(workdir)) >= 7, proc, 120,
+    tt.wait_for(lambda: (workdir / "checkpoints" / "6").is_dir() and len(tt.losses(workdir)) >= 7, proc, 300,
                 "the checkpoint of step 6 and step 7", f"{workdir}.log")
     proc.kill()
     proc.wait()
@@ -121,7 +121,7 @@ def test_a_half_written_step_is_ignored_and_the_run_resumes_on_four_devices(setu
 def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(setup):
     # lr 1e30: after the first real update the activations overflow and the loss is NaN.
     workdir, proc = start(setup, "nan", **{"optim.lr": 1e30, "ckpt_every": 1})
-    rc = proc.wait(timeout=120)
+    rc = proc.wait(timeout=300)
     log = open(f"{workdir}.log").read()
     assert rc != 0
     assert "NonFiniteError: non-finite loss or gradient at step 3" in log, log[-3000:]
