@@ -139,9 +139,9 @@ def base() -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.batch_size = 128
-    # Channels given to the model, by name, in this order: "" = the dataset's, as stored (a fixed-channel
-    # model: its training channels, found by name); "DNA,RNA,Mito" = that subset and order (channel-agnostic
-    # models; names through the run's channel vocabulary)
+    # Channels given to the model (eval.job's mae / random_init kinds, eval.embed_job), by name, in this order:
+    # "" = the dataset's, as stored (a fixed-channel model: its training channels, found by name);
+    # "DNA,RNA,Mito" = that subset and order (channel-agnostic models; names through the run's vocabulary)
     c.eval.channels = ""
     # Map building, shared with `eval.map_benchmark`'s defaults: the EFAAR reference settings
     # (efaar_benchmarking 1.0: PCA 128, TVN on each batch's controls, recall at (0.05, 0.95) and (0.1, 0.9)).

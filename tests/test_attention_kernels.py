@@ -118,15 +118,12 @@ def loss_and_grads(cfg, batch, key, attention_name, mesh=None):
             return run()
 
 
-@pytest.mark.parametrize("kind", ["mae", "ca_mae"])
-def test_models_with_splash_match_xla(kind):
-    """Loss and every parameter gradient: encoder and decoder self-attention, and for CA-MAE the channel
-    cross-attention with an absent channel and hidden (key-masked) encoder slots."""
-    cfg = MAE if kind == "mae" else CA_MAE
-    images = jax.random.normal(jax.random.key(1), (2, cfg["in_channels"], 64, 64))
-    batch = {"image": images}
-    if kind == "ca_mae":   # sample 1 lacks channel 2: padded slots in the encoder, absent in the cross-attention
-        batch["channel_mask"] = jnp.array([[1, 1, 1], [1, 1, 0]], bool)
+def test_mae_with_splash_matches_xla():
+    """Loss and every parameter gradient through the encoder's and the decoder's self-attention (the CA-MAE's
+    sites, with an absent channel and hidden encoder slots, are compared the same way on 8 devices in
+    test_splash_under_a_mesh_runs_per_shard)."""
+    kind, cfg = "mae", MAE
+    batch = {"image": jax.random.normal(jax.random.key(1), (2, cfg["in_channels"], 64, 64))}
     (loss, grads), jaxpr = loss_and_grads(cfg, batch, jax.random.key(2), "splash")
     (loss_xla, grads_xla), _ = loss_and_grads(cfg, batch, jax.random.key(2), "xla")
     assert "pallas_call" in jaxpr
