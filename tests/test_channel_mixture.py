@@ -163,7 +163,7 @@ def test_open_train_data_maps_channels_and_refuses_what_the_model_cannot_take(sc
 def test_ca_mae_trains_on_the_mixture_resumes_and_evaluates_any_channel_subset(screens, tmp_path, monkeypatch,
                                                                                capsys):
     """The trainer on a 6 + 5 channel mixture (a CA-MAE; batches padded to 6 with the mask reaching the loss),
-    stopped after 2 steps and resumed for the 3rd; then eval.job on DNA, RNA, Mito of either rendering: the
+    stopped after 2 steps and resumed for the 3rd, with the losses of an uninterrupted run; then eval.job on DNA, RNA, Mito of either rendering: the
     same cells in other channel orders give the same features, so the same recall."""
     import json
     from maejax.checkpoint import Checkpoints
@@ -177,6 +177,9 @@ def test_ca_mae_trains_on_the_mixture_resumes_and_evaluates_any_channel_subset(s
     first = train(config, str(workdir), stop_after=2)
     last = train(config, str(workdir))
     assert sorted(losses(workdir)) == [1, 2, 3] and np.isfinite(list(losses(workdir).values())).all()
+    train(config, str(tmp_path / "straight"))           # the same 3 steps without the stop: the same losses
+    straight = losses(tmp_path / "straight")
+    np.testing.assert_allclose([losses(workdir)[s] for s in (1, 2, 3)], [straight[s] for s in (1, 2, 3)], rtol=1e-6)
     assert 5 < first["channels"] < 6 and 5 < last["channels"] < 6       # 6- and 5-channel crops in each batch
     ckpts = Checkpoints(str(workdir / "checkpoints"))
     assert ckpts.meta(3)["channels"] == ",".join(six.channels)           # the vocabulary eval maps names with
