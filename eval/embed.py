@@ -27,8 +27,8 @@ class Embedder:
     batch as well as the weights; `blocks` (0-based indices) keeps only those blocks of the `blocks` output,
     selected on the device; `compiler_options`: XLA options (maejax.step.compiler_options of the run's
     config). `channels` (indices into the crops' channels) gives the model those channels in that order
-    (eval.channels; None = all, as stored); `channel_ids` (a channel-agnostic model: each given channel's id
-    in the run's channel vocabulary) goes to `model.embed` with them."""
+    (eval.channels; None = all, as stored); `channel_ids` (each given channel's id in the run's channel
+    vocabulary) goes to `model.embed` with them when the model is channel-agnostic (a CA-MAE)."""
 
     def __init__(self, model: nnx.Module, mesh: Mesh, batch_size: int, rules,
                  keys: tuple[str, ...] = ("blocks", "pooled"), normalize: str = "crop",
@@ -47,7 +47,8 @@ class Embedder:
 
         select = None if blocks is None else jnp.asarray(blocks, jnp.int32)
         self.channels = None if channels is None else np.asarray(channels, np.intp)
-        ids = None if channel_ids is None else np.asarray(channel_ids, np.int32)
+        from maejax.models.ca_mae import CAMAE
+        ids = None if channel_ids is None or not isinstance(model, CAMAE) else np.asarray(channel_ids, np.int32)
 
         def forward(state, images, moments):
             kw = {} if ids is None else {"channel_ids": jnp.broadcast_to(jnp.asarray(ids), (images.shape[0], len(ids)))}

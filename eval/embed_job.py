@@ -388,7 +388,7 @@ def embed_dataset(workdir: str, dataset_dir: str | None, out_dir: str, *, blocks
             embedder = Embedder(model, mesh, batch_size or int(config.eval.batch_size), rules, keys=("blocks",),
                                 normalize=normalize, plate_stats=stats, blocks=tuple(b - 1 for b in chosen),
                                 compiler_options=step_lib.compiler_options(config),   # as the trainer compiles
-                                channels=tuple(index), channel_ids=tuple(ids) if config.model.name == "ca_mae" else None)
+                                channels=tuple(index), channel_ids=tuple(ids))
             batches = _read_batches(dataset, ranges, embedder.batch_size, read_threads)
         for r in range(rounds):
             if r < len(mine):

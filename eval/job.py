@@ -66,12 +66,9 @@ def embed_screen(model, config: ml_collections.ConfigDict, dataset_dir: str, bat
     dataset = open_dataset(dataset_dir)
     normalize = config.data.normalize
     stats = plate_statistics(dataset) if normalize == "plate" else None
-    channels = ids = None
-    if settings is not None:
-        channels = settings.channel_index
-        ids = settings.channel_ids if config.model.name == "ca_mae" else None
     embedder = Embedder(model, shd.batch_mesh(rules), batch_size, rules, keys=("blocks",), normalize=normalize,
-                        plate_stats=stats, channels=channels, channel_ids=ids)
+                        plate_stats=stats, channels=settings and settings.channel_index,
+                        channel_ids=settings and settings.channel_ids)
     feats, meta = embedder.embed_batches(iterate_records(dataset, embedder.batch_size))
     return feats["blocks"], meta
 
@@ -389,8 +386,8 @@ def write_metrics(report: dict[str, Any], config: ml_collections.ConfigDict, out
             from maejax.input_pipeline import open_dataset
             image = reconstruction_picture(
                 model, open_dataset(dataset_dir), config.data.normalize, int(config.data.crop_size),
-                seed=int(config.seed), channels=None if settings is None else settings.channel_index,
-                channel_ids=settings.channel_ids if settings is not None and config.model.name == "ca_mae" else None)
+                seed=int(config.seed), channels=settings and settings.channel_index,
+                channel_ids=settings and settings.channel_ids)
             if image is not None:
                 writer.write_images(step, {"eval/reconstruction": image})
     finally:
@@ -446,7 +443,8 @@ def summary(report: dict[str, Any]) -> str:
     ms = report.get("map_settings")
     if ms:
         dropped = f" (left out: {', '.join(ms['drop'])})" if ms["drop"] else ""
-        lines.append(f"  map: {len(ms['channels'])} channels ({', '.join(ms['channels'])}), control {ms['control']}{dropped}, batches {ms['batch_col']}, "
+        lines.append(f"  map: {len(ms['channels'])} channels ({', '.join(ms['channels'])}), control "
+                     f"{ms['control']}{dropped}, batches {ms['batch_col']}, "
                      f"PCA up to {report['pca_components']}, {report['correction']}, tables {ms['annotations']}")
     for name, t in report["tasks"].items():
         if "skipped" in t:

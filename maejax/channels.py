@@ -81,9 +81,9 @@ class Vocabulary:
         for name in channels:
             i = self.id_of(name)
             if i is None:
-                raise ChannelError(f"{where}: channel {name!r} is not in the channel vocabulary [{self.spec()}]; add it "
-                                   f"to data.channels (names of one channel joined by '|', e.g. DNA|Hoechst) or use "
-                                   f"a preset that has it ({', '.join(PRESETS)})")
+                raise ChannelError(f"{where}: channel {name!r} is not in the channel vocabulary [{self.spec()}]; "
+                                   f"add it to data.channels (names of one channel joined by '|', e.g. DNA|Hoechst) "
+                                   f"or use a preset that has it ({', '.join(PRESETS)})")
             out.append(i)
         if len(set(out)) != len(out):
             i = next(i for i in out if out.count(i) > 1)

@@ -173,11 +173,13 @@ def parse_mixture(mixture: str, data_dir: str) -> list[tuple[str, float]]:
     mixture = (mixture or "").strip()
     if not mixture:
         if not data_dir:
-            raise channels_lib.MixtureError("no training data: set data.dir=DATASET (or data.mixture=DIR=WEIGHT,DIR=WEIGHT)")
+            raise channels_lib.MixtureError(
+                "no training data: set data.dir=DATASET (or data.mixture=DIR=WEIGHT,DIR=WEIGHT)")
         return [(data_dir, 1.0)]
     if data_dir:
-        raise channels_lib.MixtureError(f"data.dir={data_dir!r} and data.mixture={mixture!r} are both set: list every dataset "
-                         f"in data.mixture (DIR=WEIGHT,...) and leave data.dir empty")
+        raise channels_lib.MixtureError(
+            f"data.dir={data_dir!r} and data.mixture={mixture!r} are both set: list every dataset in data.mixture "
+            f"(DIR=WEIGHT,...) and leave data.dir empty")
     out = []
     for item in mixture.split(","):
         path, eq, weight = item.strip().rpartition("=")
@@ -186,10 +188,11 @@ def parse_mixture(mixture: str, data_dir: str) -> list[tuple[str, float]]:
         try:
             w = float(weight)
         except ValueError:
-            raise channels_lib.MixtureError(f"data.mixture item {item.strip()!r}: the weight {weight!r} is not a number "
-                             f"(DIR=WEIGHT)") from None
+            raise channels_lib.MixtureError(
+                f"data.mixture item {item.strip()!r}: the weight {weight!r} is not a number (DIR=WEIGHT)") from None
         if not path or not w > 0:
-            raise channels_lib.MixtureError(f"data.mixture item {item.strip()!r}: give DIR=WEIGHT with a positive weight")
+            raise channels_lib.MixtureError(
+                f"data.mixture item {item.strip()!r}: give DIR=WEIGHT with a positive weight")
         out.append((path, w))
     if len({p for p, _ in out}) != len(out):
         raise channels_lib.MixtureError(f"data.mixture={mixture!r} lists a dataset twice")
@@ -218,7 +221,8 @@ def open_train_data(data: Any, model: Any) -> TrainData:
     entries = parse_mixture(data.mixture, data.dir)
     datasets = [open_dataset(path) for path, _ in entries]
     vocabulary = channels_lib.parse(data.channels, [ds.channels for ds in datasets])
-    sources = [Source(ds, w, tuple(vocabulary.ids(ds.channels, str(ds.path)))) for ds, (_, w) in zip(datasets, entries)]
+    sources = [Source(ds, w, tuple(vocabulary.ids(ds.channels, str(ds.path))))
+               for ds, (_, w) in zip(datasets, entries)]
     slots = max(ds.crop_shape[0] for ds in datasets)
     name, in_channels = model.name, int(model.in_channels)
     if name == "ca_mae":
@@ -249,8 +253,13 @@ def open_train_data(data: Any, model: Any) -> TrainData:
                 f"{first.dataset.path} has {slots} channels ({', '.join(first.dataset.channels)}); the {name} "
                 f"model takes exactly model.in_channels={in_channels}")
         if name == "supervised" and len(sources) > 1:
-            raise channels_lib.MixtureError(f"data.mixture: the supervised model's labels index one dataset's perturbations; "
-                             f"{len(sources)} datasets have {len(sources)} label sets: train it on one (data.dir)")
+            raise channels_lib.MixtureError(
+                f"data.mixture: the supervised model's labels index one dataset's perturbations; {len(sources)} "
+                f"datasets have {len(sources)} label sets: train it on one (data.dir)")
+        # What a fixed-channel model's checkpoint records: its channels, in their order (eval finds them
+        # by name in any dataset); its step reads no channel ids.
+        vocabulary = channels_lib.Vocabulary(tuple(vocabulary.identities[i] for i in first.channel_ids))
+        sources = [dataclasses.replace(s, channel_ids=tuple(range(slots))) for s in sources]
     return TrainData(sources, vocabulary, slots, with_channels=name == "ca_mae")
 
 
@@ -369,9 +378,9 @@ def make_train_iterator(
     the same num_workers. read_threads: grain read threads per process. The returned iterator supports
     `get_state()` / `set_state()` and `grain.checkpoint.CheckpointSave` / `CheckpointRestore`.
 
-    `dataset` a list of `Source`s (a mixture; `open_sources` builds it from a config): each dataset is split
-    over the processes, shuffled (its own seed, derived from `seed`) and repeated on its own, then they are
-    mixed by weight; `num_channels` does not apply (the trainer checks the channels: `check_channels`) and
+    `dataset` a list of `Source`s (a mixture; `open_train_data` builds it from a config): each dataset is
+    split over the processes, shuffled (its own seed, derived from `seed`) and repeated on its own, then they
+    are mixed by weight; `num_channels` does not apply (`open_train_data` checks the channels) and
     the batches gain channel_ids int32 and channel_mask bool (B, channel_slots; default the largest channel
     count) and dataset int32 (the source's index); `record_id` is within the record's dataset.
     """
@@ -386,10 +395,7 @@ def make_train_iterator(
         raise ValueError(f"asked for {num_channels} channels; {ds.path / LAYOUT.manifest} says records have "
                          f"{ds.crop_shape[0]}")
     example = _train_example(ds, crop_size, flip, rot90, normalize, plate_stats)
-    process_index, process_count = _process_slot(process_index, process_count)
-    if batch_size % process_count:
-        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
-    local_batch = batch_size // process_count
+    process_index, process_count, local_batch = _local_batch(batch_size, process_index, process_count)
     per_process = len(ds) // process_count
     if per_process < local_batch:
         raise ValueError(f"{ds.path}: {per_process} records per process, fewer than one batch of {local_batch}")
@@ -434,10 +440,7 @@ def _mixture_iterator(sources: list[Source], *, batch_size: int, crop_size: int,
     weights = [float(s.weight) for s in sources]
     if any(not w > 0 for w in weights):
         raise ValueError(f"mixture weights must be positive, got {weights}")
-    process_index, process_count = _process_slot(process_index, process_count)
-    if batch_size % process_count:
-        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
-    local_batch = batch_size // process_count
+    process_index, process_count, local_batch = _local_batch(batch_size, process_index, process_count)
     slots = max(len(s.channel_ids) for s in sources) if channel_slots is None else channel_slots
     parts, offsets, components, total = [], [], [], 0
     for k, source in enumerate(sources):
@@ -485,6 +488,14 @@ def iterate_records(
     for start in range(0, len(block), batch_size):
         ids = block[start:start + batch_size]
         yield ds.reader.read_many(ids), ds.metadata.iloc[ids[0]:ids[-1] + 1]
+
+
+def _local_batch(batch_size: int, process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
+    """(process_index, process_count, this process's share of the global batch_size)."""
+    process_index, process_count = _process_slot(process_index, process_count)
+    if batch_size % process_count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by process_count {process_count}")
+    return process_index, process_count, batch_size // process_count
 
 
 def _process_slot(process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -105,8 +105,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                 train_data.sources if mixed else train_data.datasets[0], batch_size=batch,
                 crop_size=config.data.crop_size, seed=config.seed,
                 num_workers=config.data.workers, flip=config.data.flip, rot90=config.data.rot90,
-                normalize=config.data.normalize, plate_stats=plate_stats if mixed or plate_stats is None
-                else plate_stats[0], process_index=index, process_count=count)
+                normalize=config.data.normalize, plate_stats=plate_stats if mixed else plate_stats and plate_stats[0],
+                process_index=index, process_count=count)
 
         data_iter = StreamedBatches(make_stream, int(config.data.streams) or jax.process_count(), batch,
                                     jax.process_index(), jax.process_count())

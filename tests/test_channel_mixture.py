@@ -145,6 +145,9 @@ def test_open_train_data_maps_channels_and_refuses_what_the_model_cannot_take(sc
     with pytest.raises(channels.ChannelError, match=r"channel 'Golgi' is channel 6 of the vocabulary .* but the "
                                                     r"CA-MAE has model.in_channels=6 decoders .*: set model.in_channels=7"):
         open_train_data(c.data, c.model)
+    # a fixed-channel model's recorded vocabulary is its own channels (eval looks them up by name), not the preset
+    c = data_config(**{"data.dir": str(six.path), "data.channels": "cell_painting"})
+    assert open_train_data(c.data, c.model).vocabulary.spec() == "DNA|Hoechst,ER|ConA,RNA|Syto14,AGP,Mito|MitoTracker,Golgi"
     c = data_config(**{"data.mixture": mixture, "model.name": "ca_mae", "data.channels": "rxrx1"})
     with pytest.raises(channels.ChannelError, match=rf"{six.path}: channel 'DNA' is not in the channel vocabulary"):
         open_train_data(c.data, c.model)
