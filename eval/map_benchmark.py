@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import gc
 import importlib
 import json
 import mmap
@@ -29,12 +30,61 @@ import threading
 import time
 from collections.abc import Sequence
 
-import numpy as np
-import pandas as pd
+_WORKSPACE = []   # the column-major feature matrix allocated before the imports (_early_workspace), if any
 
-from eval import consistency, efaar, recall
-from eval.annotations import find_annotations
-from maejax import flags
+
+def _early_workspace(argv: Sequence[str]) -> None:
+    """For the command line: allocates the (rows, features) workspace that `efaar.ColumnPCA` will fill, from
+    the parquet footer alone, and has a thread fault its pages in (madvise MADV_POPULATE_WRITE, outside the
+    GIL) while this process imports pandas and scipy on one core. A fresh GiB costs 1-2 s of kernel time on
+    the VMs we measured; this moves it off the critical path. Only for a plain parquet run whose features
+    are all float32 or all float64; anything else (or an old kernel) is left to the normal allocation."""
+    opts = {}
+    for flag, value in zip(argv, list(argv[1:]) + [""]):
+        if flag.startswith("--"):
+            name, eq, inline = flag[2:].partition("=")
+            opts[name.replace("-", "_")] = inline if eq else value
+    path = opts.get("embeddings") or opts.get("features")
+    if (not path or not path.endswith(".parquet") or opts.get("pca_components") == "0"
+            or {"metadata", "where", "average_by"} & set(opts)):
+        return
+    try:
+        import ctypes
+
+        import numpy as np
+        import pyarrow.parquet as pq
+        schema = pq.read_schema(path)
+        types = {str(schema.field(c).type) for c in schema.names if c.startswith("feature_")}
+        dtype = {"float": "float32", "double": "float64"}.get(types.pop()) if len(types) == 1 else None
+        if dtype is None or opts.get("dtype", dtype) != dtype:
+            return
+        rows = pq.read_metadata(path).num_rows
+        width = sum(c.startswith("feature_") for c in schema.names)
+        workspace = np.empty((width, rows), dtype).T
+        libc = ctypes.CDLL(None)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        start = workspace.ctypes.data & ~(mmap.PAGESIZE - 1)
+        populate = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+        threading.Thread(target=libc.madvise, args=(start, workspace.ctypes.data + workspace.nbytes - start,
+                                                   populate), daemon=True, name="prefault").start()
+        _WORKSPACE.append(workspace)
+    except Exception:   # any problem here is the normal path's to report
+        return
+
+
+if __name__ == "__main__":
+    # OpenBLAS's idle threads spin for 2^28 cycles after each call before they sleep. Here the PCA's GEMMs
+    # run beside the parquet decoding and Python work, and on a 2-core machine the spinning took a core
+    # from them (perf: 6% of the process's CPU). Set before numpy loads OpenBLAS; the user's value wins.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    _early_workspace(sys.argv[1:])
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from eval import consistency, efaar, recall  # noqa: E402
+from eval.annotations import find_annotations  # noqa: E402
+from maejax import flags  # noqa: E402
 
 FEATURE_PREFIX = "feature_"
 REPORT = "report.json"   # the file written into --out
@@ -66,56 +116,101 @@ def _features_dtype(types: Sequence) -> np.dtype:
     return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
 
 
-def _read_parquet_features(path: str, dtype: str | None) -> tuple[np.ndarray, pd.DataFrame, list[str], bool]:
-    """A parquet file's `feature_*` columns straight into one (rows, d) array, metadata as a DataFrame,
-    and whether every feature is finite (each column checked right after its copy, while in cache).
+class _ParquetFeatures:
+    """An open parquet file: its metadata columns as a DataFrame (pandas' own reader, so they are what
+    `pd.read_parquet` gives), its `feature_*` column names and the float dtype they are read as, and
+    `groups()`, the features decoded READ_BYTES at a time (a group of columns over all row groups).
 
-    The features are decoded READ_BYTES at a time (a group of columns over all row groups) and copied
-    into a preallocated column-major array, so reading adds one group of columns to the matrix itself:
-    no pandas frame of the features, no float64 upcast of a float32 file. The metadata columns go
-    through pandas' own reader, so they are what `pd.read_parquet` gives."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    mapped = _map_file(path)
-    try:
-        # Read from a memory map: plain-encoded pages are decoded from the OS cache without a copy into
-        # pyarrow's buffers (measured ~1.5x faster on the 1.5 GB case of docs/eval.md). The map is our
-        # own so that its pages can be dropped from the process after each group of columns: otherwise
-        # the whole file would count in the peak RSS.
-        pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(mapped)) if mapped is not None else path)
-    except Exception as e:  # pyarrow raises several types for a non-parquet file
-        raise ValueError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from e
-    schema = pf.schema_arrow
-    index_cols = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
-    names = [c for c in schema.names if c not in index_cols]
-    feature_cols = [c for c in names if c.startswith(FEATURE_PREFIX)]
-    meta = pd.read_parquet(path, columns=[c for c in names if c not in feature_cols])
-    if not feature_cols:
-        raise ValueError(f"{path}: no '{FEATURE_PREFIX}*' columns (columns: {names[:20]})")
-    types = [schema.field(c).type for c in feature_cols]
-    bad = [c for c, t in zip(feature_cols, types)
-           if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t))]
-    if bad:
-        raise ValueError(f"{path}: feature columns are not numeric: {bad[:10]}")
-    dt = np.dtype(dtype) if dtype else _features_dtype(types)
-    rows = pf.metadata.num_rows
-    features = np.empty((len(feature_cols), rows), dt).T      # column-major: one contiguous copy per column
-    step = max(1, min(len(feature_cols), READ_BYTES // max(1, rows * dt.itemsize)))
+    The file is read through our own read-only memory map: plain-encoded pages are decoded from the OS
+    cache without a copy into pyarrow's buffers (measured ~1.5x faster on the 1.5 GB case of
+    docs/eval.md), and its pages are dropped from the process after each group of columns, so the file
+    never counts in the peak RSS."""
+
+    def __init__(self, path: str, dtype: str | None):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        self.path, self._mapped = path, _map_file(path)
+        try:
+            self._pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self._mapped))
+                                      if self._mapped is not None else path)
+        except Exception as e:  # pyarrow raises several types for a non-parquet file
+            raise ValueError(f"{path}: cannot read as parquet ({type(e).__name__}: {e})") from e
+        schema = self._pf.schema_arrow
+        index_cols = {c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)}
+        names = [c for c in schema.names if c not in index_cols]
+        self.columns = [c for c in names if c.startswith(FEATURE_PREFIX)]
+        self.meta = pd.read_parquet(path, columns=[c for c in names if c not in self.columns]).reset_index(drop=True)
+        if not self.columns:
+            raise ValueError(f"{path}: no '{FEATURE_PREFIX}*' columns (columns: {names[:20]})")
+        types = [schema.field(c).type for c in self.columns]
+        bad = [c for c, t in zip(self.columns, types)
+               if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t))]
+        if bad:
+            raise ValueError(f"{path}: feature columns are not numeric: {bad[:10]}")
+        self.dtype = np.dtype(dtype) if dtype else _features_dtype(types)
+        self.rows = self._pf.metadata.num_rows
+
+    def groups(self):
+        """Yields (first column index, [the column's 1-D numpy chunks in row order, per column])."""
+        import pyarrow as pa
+        step = max(1, min(len(self.columns), READ_BYTES // max(1, self.rows * self.dtype.itemsize)))
+        for first in range(0, len(self.columns), step):
+            table = self._pf.read(columns=self.columns[first:first + step], use_threads=True,
+                                  use_pandas_metadata=False)
+            group = []
+            for column in table.itercolumns():
+                pieces = []
+                for chunk in column.chunks:
+                    if chunk.null_count and not pa.types.is_floating(chunk.type):
+                        chunk = chunk.cast(pa.float64())        # nulls -> NaN, reported as pandas would
+                    pieces.append(chunk.to_numpy(zero_copy_only=False))
+                group.append(pieces)
+            yield first, group
+            table = column = chunk = pieces = group = None   # no arrow buffer holds the map's pages any more
+            if self._mapped is not None:
+                self._mapped.madvise(mmap.MADV_DONTNEED)     # clean file pages: they stay in the OS cache
+
+
+def _read_parquet_features(path: str, dtype: str | None) -> tuple[np.ndarray, pd.DataFrame, list[str], bool]:
+    """A parquet file's `feature_*` columns straight into one column-major (rows, d) array, metadata as a
+    DataFrame, and whether every feature is finite (each column checked right after its copy, while in
+    cache). Reading adds one group of columns to the matrix itself: no pandas frame of the features, no
+    float64 upcast of a float32 file."""
+    source = _ParquetFeatures(path, dtype)
+    features = np.empty((len(source.columns), source.rows), source.dtype).T
     finite = True
-    for first in range(0, len(feature_cols), step):
-        table = pf.read(columns=feature_cols[first:first + step], use_threads=True, use_pandas_metadata=False)
-        for j, column in enumerate(table.itercolumns()):
+    for first, group in source.groups():
+        for j, pieces in enumerate(group, first):
             start = 0
-            for chunk in column.chunks:
-                if chunk.null_count and not pa.types.is_floating(chunk.type):
-                    chunk = chunk.cast(pa.float64())           # nulls -> NaN, reported below as pandas would
-                features[start:start + len(chunk), first + j] = chunk.to_numpy(zero_copy_only=False)
-                start += len(chunk)
-            finite = finite and bool(np.isfinite(features[:, first + j]).all())
-        table = column = chunk = None   # no arrow buffer holds the map's pages any more
-        if mapped is not None:
-            mapped.madvise(mmap.MADV_DONTNEED)   # clean file pages: they stay in the OS cache
-    return features, meta.reset_index(drop=True), feature_cols, finite
+            for piece in pieces:
+                features[start:start + len(piece), j] = piece
+                start += len(piece)
+            finite = finite and bool(np.isfinite(features[:, j]).all())
+    return features, source.meta, source.columns, finite
+
+
+def _streamed_pca(source: _ParquetFeatures, batches, n_components: int) -> np.ndarray | None:
+    """`efaar.embed_by_pca` of the file's features, decoded straight into `efaar.ColumnPCA`, which
+    standardises each column as it arrives and computes the Gram matrix of finished columns on a worker
+    thread while the next ones are decoded. None when a feature is not finite (the caller reads the
+    file again to say where)."""
+    codes, nb = efaar._codes(batches, source.rows, "batches")
+    storage = _WORKSPACE.pop() if _WORKSPACE else None
+    if storage is not None and (storage.shape != (source.rows, len(source.columns)) or storage.dtype != source.dtype):
+        storage = None
+    pca = efaar.ColumnPCA(codes, nb, len(source.columns), source.dtype, storage=storage)
+    try:
+        for first, group in source.groups():
+            for j, pieces in enumerate(group, first):
+                if not pca.put(j, pieces):
+                    pca.close()
+                    return None
+            pca.ready(first + len(group))
+    except BaseException:
+        pca.close()
+        raise
+    _import_in_background("scipy.stats")   # beside the single-threaded eigendecomposition
+    return pca.finish(n_components)
 
 
 def _map_file(path: str) -> mmap.mmap | None:
@@ -348,8 +443,17 @@ def run(args: argparse.Namespace) -> dict:
     that file's path)."""
     args.out = str(flags.output_file(args.out, REPORT))
     t = time.perf_counter()
-    features, meta, _ = load_embeddings(args.embeddings, args.metadata, args.join_on, args.where,
-                                        args.average_by, args.dtype)
+    source = features = None
+    if (args.pca_components and not (args.metadata or args.where or args.average_by)
+            and os.path.isfile(args.embeddings) and not _is_text_table(args.embeddings)
+            and not efaar._use_jax("auto")):
+        # A parquet file as it is: its features go straight into the PCA as they are decoded (the
+        # metadata is read and checked first); `load` then times the metadata alone.
+        source = _ParquetFeatures(args.embeddings, args.dtype)
+        meta = source.meta
+    else:
+        features, meta, _ = load_embeddings(args.embeddings, args.metadata, args.join_on, args.where,
+                                            args.average_by, args.dtype)
     perts = _check_column(meta, args.perturbation_col, "--perturbation_col", args.embeddings).astype(str)
     batches = _check_column(meta, args.batch_col, "--batch_col", args.embeddings)
     pca_batches = (_check_column(meta, args.pca_batch_col, "--pca_batch_col", args.embeddings)
@@ -365,11 +469,18 @@ def run(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t
 
     t = time.perf_counter()
-    rows, dims = features.shape
+    rows, dims = (source.rows, len(source.columns)) if source else features.shape
     _check_tables(perts, args.control, args.drop, args.annotations, args.sources)
-    _import_in_background("scipy.stats")
-    pmap = efaar.build_map(features, perts, args.control, batches,
-                           pca_components=pca_components_for(args.pca_components, rows, dims),
+    if source is None:
+        _import_in_background("scipy.stats")
+    components = pca_components_for(args.pca_components, rows, dims)
+    if source is not None:
+        features = _streamed_pca(source, batches if pca_batches is None else pca_batches, components)
+        if features is None:   # a NaN or an infinity: the plain read says which rows and columns
+            load_embeddings(args.embeddings, dtype=args.dtype)
+            raise ValueError(f"{args.embeddings}: features hold NaN/inf values")
+        components = 0
+    pmap = efaar.build_map(features, perts, args.control, batches, pca_components=components,
                            pca_batches=pca_batches, correction=args.correction, method=args.aggregate,
                            drop=args.drop, overwrite_features=True)
     del features   # the benchmarks need only the map: the peak memory is the read matrix + the PCA's
@@ -448,12 +559,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    gc.disable()   # a short process of large arrays: the collector's passes over pandas' objects cost ~2% of its CPU
     try:
         args.annotations = find_annotations(args.annotations)
         report = run(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        gc.enable()
     for rec in report["recall"]:
         print(json.dumps(rec))
     print(json.dumps(report["consistency"]))

@@ -231,3 +231,55 @@ def test_parquet_reader_peak_memory_is_the_matrix_not_the_file(tmp_path):
     matrix, grown = map(int, out.stdout.split())
     assert path.stat().st_size > 0.9 * matrix
     assert grown < 2.0 * matrix, (grown, matrix)
+
+
+def test_streamed_pca_equals_the_read_then_pca_path(tmp_path, monkeypatch, capsys):
+    """A plain parquet run decodes its features straight into efaar.ColumnPCA (standardised per column, Gram
+    blocks on a worker thread): the same PCA as reading the matrix and then `embed_by_pca`, within float32
+    rounding, for contiguous and interleaved batches, several row groups and groups of columns, float32 and
+    float64 files; the command's report equals the one from the same table as CSV (the read-then-PCA path);
+    a NaN still gets the whole read's message; the command line's early workspace has the file's shape and is
+    the one the PCA fills."""
+    from eval import efaar
+    rng = np.random.default_rng(5)
+    n, d = 600, 40
+    genes = np.array([f"g{i}" for i in range(20)] + ["non-targeting"])
+    monkeypatch.setattr(map_benchmark, "READ_BYTES", n * 4 * 6)        # 6 columns per read
+    monkeypatch.setattr(efaar, "GRAM_COLS", 16)                         # several Gram blocks, one partial
+    monkeypatch.setattr(efaar, "GRAM_ROWS", 256)                        # several row chunks per block
+    for layout, dtype in (("contiguous", np.float32), ("interleaved", np.float32), ("interleaved", np.float64)):
+        batch = np.repeat(np.arange(3), n // 3) if layout == "contiguous" else rng.integers(0, 3, n)
+        x = (rng.standard_normal((n, d)) + 50 * batch[:, None] + rng.standard_normal(d)).astype(dtype)
+        df = pd.DataFrame(x, columns=[f"feature_{j}" for j in range(d)])
+        df["gene"], df["batch"] = rng.choice(genes, n), [f"b{b}" for b in batch]
+        path = tmp_path / f"{layout}_{np.dtype(dtype).name}.parquet"
+        df.to_parquet(path, row_group_size=250)
+        source = map_benchmark._ParquetFeatures(str(path), None)
+        streamed = map_benchmark._streamed_pca(source, df["batch"].to_numpy(), 8)
+        reference = efaar.embed_by_pca(x, df["batch"].to_numpy(), 8, backend="numpy")
+        assert streamed.dtype == dtype and streamed.shape == reference.shape
+        signs = np.sign((streamed * reference).sum(axis=0))
+        tol = 1e-3 if dtype == np.float32 else 1e-9
+        assert np.abs(streamed * signs - reference).max() < tol * np.abs(reference).max(), layout
+    df.to_csv(tmp_path / "same.csv", index=False)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "Pairs.txt").write_text("entity1,entity2\n" + "".join(f"g{i},g{i + 1}\n" for i in range(0, 19, 2)))
+    _, from_parquet = _run(tmp_path, path, tables, "--no_mean_average_precision")
+    _, from_csv = _run(tmp_path, tmp_path / "same.csv", tables, "--no_mean_average_precision")
+    assert from_parquet["recall"] == from_csv["recall"]
+    numbers = {k: v for k, v in from_csv["consistency"]["replicate_consistency"].items() if k != "replicates"}
+    assert {k: from_parquet["consistency"]["replicate_consistency"][k] for k in numbers} == pytest.approx(numbers, rel=1e-6)
+    df.loc[7, "feature_3"] = np.nan
+    df.to_parquet(tmp_path / "nan.parquet")
+    code, _ = _run(tmp_path, tmp_path / "nan.parquet", tables)
+    assert code == 2
+    assert "nan.parquet: 1 rows have NaN/inf features (columns ['feature_3'])" in capsys.readouterr().err
+    map_benchmark._early_workspace(["--embeddings", str(path), "--perturbation_col", "gene"])
+    workspace = map_benchmark._WORKSPACE[0]
+    assert workspace.shape == (n, d) and workspace.dtype == np.float64 and workspace.flags.f_contiguous
+    map_benchmark._streamed_pca(map_benchmark._ParquetFeatures(str(path), None), df["batch"].to_numpy(), 8)
+    assert not map_benchmark._WORKSPACE                                  # taken by the PCA
+    for extra in (["--where", "gene=g1"], ["--pca_components=0"], ["--dtype", "float32"]):
+        map_benchmark._early_workspace(["--embeddings", str(path), *extra])
+        assert not map_benchmark._WORKSPACE, extra
