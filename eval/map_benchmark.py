@@ -77,6 +77,7 @@ if __name__ == "__main__":
     # run beside the parquet decoding and Python work, and on a 2-core machine the spinning took a core
     # from them (perf: 6% of the process's CPU). Set before numpy loads OpenBLAS; the user's value wins.
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    gc.disable()   # for the imports too (main() says why)
     _early_workspace(sys.argv[1:])
 
 import numpy as np  # noqa: E402
