@@ -23,8 +23,9 @@ def _num(x) -> bool:
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("device_proof")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # one CPU device, not conftest's 8
-    env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ)   # one CPU device, not conftest's 8; LLVM level 0 as every test compile
+    env.update(JAX_PLATFORMS="cpu", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               XLA_FLAGS="--xla_backend_optimization_level=0")
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.device_proof", "--out", str(out), "--dry_run"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
