@@ -292,7 +292,7 @@ def test_bad_weights_files_are_named(tmp_path, capsys, case):
     weights = tmp_path / "model.safetensors"
     make(weights)
     out = tmp_path / "ckpt"
-    assert convert.main(["openphenom", "--weights", str(weights), "--out", str(out)]) == 2
+    assert convert.main(["openphenom", "--weights", str(weights), "--workdir", str(out)]) == 2
     assert re.search(message.format(w=re.escape(str(weights))), one_error_line(capsys.readouterr().err))
     assert not out.exists()
 

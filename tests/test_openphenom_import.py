@@ -37,9 +37,9 @@ def golden(ref):
 
 @pytest.fixture(scope="module")
 def converted(ref, tmp_path_factory):
-    """The encoder-only safetensors file, converted through the command line."""
+    """The encoder-only safetensors file, converted through the command line into a run directory."""
     out = tmp_path_factory.mktemp("openphenom") / "ckpt"
-    convert.main(["openphenom", "--weights", str(ref / "encoder_random_init.safetensors"), "--out", str(out)])
+    convert.main(["openphenom", "--weights", str(ref / "encoder_random_init.safetensors"), "--workdir", str(out)])
     return out
 
 
@@ -60,7 +60,7 @@ def embed_golden_inputs(checkpoint, golden, tmp_path):
 
 
 def test_safetensors_conversion_matches_the_reference_outputs(converted, golden, tmp_path):
-    model, config, step = load_model(str(converted))
+    model, config, step = load_model(str(converted / "checkpoints"))
     m = config.model
     assert (step, m.name, m.width, m.depth, m.num_heads, m.mlp_dim, m.max_channels, m.decoder_depth) == \
         (0, "ca_mae", 96, 3, 3, 384, 8, 0)
@@ -94,7 +94,7 @@ def test_torch_pickle_named_safetensors_converts_with_its_decoder(torch_pickle_c
     _, ckpt, config = torch_pickle_converted
     assert (config.model.decoder_depth, config.model.decoder_width, config.model.in_channels) == (1, 32, 6)
     model, _, _ = load_model(str(ckpt))
-    reference, _, _ = load_model(str(converted))
+    reference, _, _ = load_model(str(converted / "checkpoints"))
     # The encoder is bit-identical to the one converted from safetensors (so it matches the goldens too).
     ours = nnx.to_pure_dict(nnx.state(model.encoder))
     jax.tree.map(np.testing.assert_array_equal, ours, nnx.to_pure_dict(nnx.state(reference.encoder)))
@@ -226,5 +226,7 @@ def test_bad_files_are_clear_errors(tmp_path, monkeypatch, ref):
 
 
 def test_converted_directory_cannot_be_overwritten(converted, ref):
-    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
-        convert.convert_openphenom(str(ref / "encoder_random_init.safetensors"), str(converted))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        convert.convert_openphenom(str(ref / "encoder_random_init.safetensors"), workdir=str(converted))
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):      # the deprecated out=
+        convert.convert_openphenom(str(ref / "encoder_random_init.safetensors"), str(converted / "checkpoints"))
