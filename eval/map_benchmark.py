@@ -459,6 +459,7 @@ def run(args: argparse.Namespace) -> dict:
         source = _ParquetFeatures(args.embeddings, args.dtype)
         meta = source.meta
     else:
+        _WORKSPACE.clear()   # an early workspace this path does not use is not kept beside its matrix
         features, meta, _ = load_embeddings(args.embeddings, args.metadata, args.join_on, args.where,
                                             args.average_by, args.dtype)
     perts = _check_column(meta, args.perturbation_col, "--perturbation_col", args.embeddings).astype(str)
