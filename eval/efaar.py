@@ -342,17 +342,18 @@ class ColumnPCA:
         n, d = len(codes), int(num_features)
         if n < 2:
             raise ValueError(f"PCA needs at least 2 rows, got {n}")
-        self.count = np.bincount(codes, minlength=num_groups).astype(np.float64)
-        if (self.count == 0).any():
-            raise ValueError(f"batch #{int(np.flatnonzero(self.count == 0)[0])} has no rows")
+        count = np.bincount(codes, minlength=num_groups)
+        if (count == 0).any():
+            raise ValueError(f"batch #{int(np.flatnonzero(count == 0)[0])} has no rows")
         edges = np.flatnonzero(np.diff(codes)) + 1
         if len(edges) + 1 == num_groups:          # every batch one run of rows: kept in input order
             self.order = None
             bounds, groups = np.concatenate([[0], edges, [n]]), codes[np.concatenate([[0], edges])]
         else:                                     # interleaved: the workspace is batch-sorted
             self.order = np.argsort(codes, kind="stable")
-            bounds, groups = np.concatenate([[0], np.cumsum(self.count).astype(np.int64)]), np.arange(num_groups)
+            bounds, groups = np.concatenate([[0], np.cumsum(count)]), np.arange(num_groups)
         self.segments = [(int(a), int(b), int(g)) for a, b, g in zip(bounds[:-1], bounds[1:], groups)]
+        self.counts = np.diff(bounds).astype(np.float64)   # rows per segment
         if storage is None:
             storage = np.empty((d, n), dtype).T
         if storage.shape != (n, d) or not storage.flags.f_contiguous:
@@ -378,12 +379,12 @@ class ColumnPCA:
         sums = np.array([np.add.reduce(src[a:b], dtype=np.float64) for a, b, _ in self.segments])
         if not np.isfinite(sums).all():
             return False
-        counts = np.array([b - a for a, b, _ in self.segments], np.float64)
+        counts = self.counts
         mean = sums / counts
         shift = mean.astype(self.dtype)
         residual = mean - shift                   # mean of the centred rows of each segment
         sq = np.empty(len(counts))
-        for (a, b, _), s, i in zip(self.segments, shift, range(len(counts))):
+        for i, ((a, b, _), s) in enumerate(zip(self.segments, shift)):
             seg = col[a:b]
             np.subtract(src[a:b], s, out=seg)     # the copy into the workspace is the centring
             sq[i] = np.dot(seg, seg)

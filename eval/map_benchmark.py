@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+FEATURE_PREFIX = "feature_"
 _WORKSPACE = []   # the column-major feature matrix allocated before the imports (_early_workspace), if any
 
 
@@ -53,13 +54,14 @@ def _early_workspace(argv: Sequence[str]) -> None:
 
         import numpy as np
         import pyarrow.parquet as pq
-        schema = pq.read_schema(path)
-        types = {str(schema.field(c).type) for c in schema.names if c.startswith("feature_")}
+        footer = pq.ParquetFile(path)                       # the footer only: one read
+        schema = footer.schema_arrow
+        types = {str(schema.field(c).type) for c in schema.names if c.startswith(FEATURE_PREFIX)}
         dtype = {"float": "float32", "double": "float64"}.get(types.pop()) if len(types) == 1 else None
         if dtype is None or opts.get("dtype", dtype) != dtype:
             return
-        rows = pq.read_metadata(path).num_rows
-        width = sum(c.startswith("feature_") for c in schema.names)
+        rows = footer.metadata.num_rows
+        width = sum(c.startswith(FEATURE_PREFIX) for c in schema.names)
         workspace = np.empty((width, rows), dtype).T
         libc = ctypes.CDLL(None)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -93,7 +95,6 @@ from eval import consistency, efaar, recall  # noqa: E402
 from eval.annotations import find_annotations  # noqa: E402
 from maejax import flags  # noqa: E402
 
-FEATURE_PREFIX = "feature_"
 REPORT = "report.json"   # the file written into --out
 READ_BYTES = 16 << 20  # features decoded per pyarrow call: the reader's memory on top of the matrix
 
