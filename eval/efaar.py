@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 from scipy import linalg, sparse
-from threadpoolctl import threadpool_limits
+import threadpoolctl
 
 CHUNK_ROWS = 32768  # rows per streamed chunk: ~200 MB of float32 at 1664 features
 
@@ -55,11 +55,19 @@ def _codes(labels, n: int, name: str) -> tuple[np.ndarray, int]:
     return codes.astype(np.int32), len(uniques)
 
 
+@functools.cache
+def _blas_controller() -> threadpoolctl.ThreadpoolController:
+    """The process's BLAS libraries, found once (numpy's and scipy's, both loaded by this module's imports):
+    a fresh `threadpool_limits` walks every loaded shared object in Python, 0.1-0.4 s in a process that
+    has pandas and pyarrow loaded."""
+    return threadpoolctl.ThreadpoolController()
+
+
 def single_threaded_lapack() -> contextlib.AbstractContextManager:
     """OpenBLAS's threaded symmetric eigensolver (dsytrd's level-2 steps) is slower than one thread
     for d ~ 100-2000, and 10-40x slower when the cores are shared (measured 0.4 s vs 16 s for
     d = 1664 on a busy 2-core box); level-3 BLAS elsewhere keeps all threads."""
-    return threadpool_limits(limits=1, user_api="blas")
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 def _precision(dtype) -> contextlib.AbstractContextManager:
@@ -360,8 +368,13 @@ class ColumnPCA:
             raise ValueError(f"storage must be a column-major ({n}, {d}) array, got {storage.shape}")
         self.z, self.dtype = storage, storage.dtype
         self.gram, self.total = np.zeros((d, d)), np.zeros(d)
-        self._ready, self._queued, self._jobs = 0, 0, []
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gram") if background else None
+        self._ready, self._queued, self._jobs, self._complete = 0, 0, [], False
+        self._pool = self._limits = None
+        if background:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gram")
+            # the worker's GEMMs run on one BLAS thread beside the decoding; OpenBLAS's threads wait for
+            # each other, so two of them on a core that the decoder holds are slower than one
+            self._limits = single_threaded_lapack()
 
     def put(self, j: int, pieces: Sequence[np.ndarray] | None = None) -> bool:
         col = self.z[:, j]
@@ -397,14 +410,12 @@ class ColumnPCA:
         return True
 
     def ready(self, j1: int) -> None:
-        """Columns < j1 are finished: queue their Gram blocks, GRAM_COLS columns at a time."""
+        """Columns < j1 are finished: with a worker, queue their Gram blocks, GRAM_COLS columns at a time
+        (`complete` does the rest)."""
         self._ready = max(self._ready, j1)
-        while self._ready - self._queued >= GRAM_COLS or (self._ready == self.z.shape[1] > self._queued):
-            j0, self._queued = self._queued, min(self._ready, self._queued + GRAM_COLS)
-            if self._pool is None:
-                self._gram_block(j0, self._queued)
-            else:
-                self._jobs.append(self._pool.submit(self._gram_block, j0, self._queued))
+        while self._pool is not None and self._ready - self._queued >= GRAM_COLS:
+            j0, self._queued = self._queued, self._queued + GRAM_COLS
+            self._jobs.append((self._pool.submit(self._gram_block, j0, self._queued), self._queued))
 
     def _gram_block(self, j0: int, j1: int) -> None:
         z, n = self.z, self.z.shape[0]
@@ -412,21 +423,53 @@ class ColumnPCA:
             rows = slice(r, min(n, r + GRAM_ROWS))
             self.gram[:j1, j0:j1] += z[rows, :j1].T @ z[rows, j0:j1]
 
-    def close(self) -> None:
-        """Waits for the queued Gram blocks and stops the worker (finish calls it; call it when abandoning)."""
+    def _gram_rest(self, j0: int) -> None:
+        """The Gram blocks of columns j0.. at once: one GEMM for Z[:, :j0]^T Z[:, j0:] and a SYRK (numpy's
+        `a.T @ a`) for the square, whose lower half is not computed: on two BLAS threads 2.3 s against
+        2.4 s for the 128-column blocks from j0 = 768, 2.8 s against 3.2 s from 0 (d = 1664)."""
+        z, n = self.z, self.z.shape[0]
+        if j0 >= z.shape[1]:
+            return
+        for r in range(0, n, GRAM_ROWS):
+            rows = slice(r, min(n, r + GRAM_ROWS))
+            rest = z[rows, j0:]
+            if j0:
+                self.gram[:j0, j0:] += z[rows, :j0].T @ rest
+            self.gram[j0:, j0:] += rest.T @ rest
+
+    def close(self) -> int:
+        """Stops the worker: the queued Gram blocks it has not started are dropped, the one it is computing
+        is waited for, and BLAS gets its threads back. Returns the first column whose Gram block is not
+        computed (`complete` calls it; call it when abandoning)."""
+        done = 0
         try:
-            for job in self._jobs:
-                job.result()
+            for job, _ in self._jobs:
+                job.cancel()
+            for job, j1 in self._jobs:            # FIFO: the finished blocks are a prefix
+                if not job.cancelled():
+                    job.result()
+                    done = j1
         finally:
             self._jobs = []
             if self._pool is not None:
                 self._pool.shutdown()
+                self._pool = None
+            if self._limits is not None:
+                self._limits.restore_original_limits()
+                self._limits = None
+        return done
+
+    def complete(self) -> None:
+        """Finishes the Gram matrix once every column is in: what the worker had not started runs as one
+        GEMM and one SYRK on all BLAS threads. Idempotent."""
+        if not self._complete:
+            self._gram_rest(self.close())
+            self._complete = True
 
     def finish(self, n_components) -> np.ndarray:
         """The (rows, k) PCA embeddings in input row order; the workspace is released."""
         n, d = self.z.shape
-        self.ready(d)
-        self.close()
+        self.complete()
         gram = np.triu(self.gram) + np.triu(self.gram, 1).T
         center = self.total / n
         evals, components = _top_axes((gram - n * np.outer(center, center)) / (n - 1), n_components, n)

@@ -217,6 +217,7 @@ def _streamed_pca(source: _ParquetFeatures, batches, n_components: int) -> np.nd
     except BaseException:
         pca.close()
         raise
+    pca.complete()                         # the Gram matrix, on all cores
     _import_in_background("scipy.stats")   # beside the single-threaded eigendecomposition
     return pca.finish(n_components)
 

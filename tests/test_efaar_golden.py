@@ -139,3 +139,48 @@ def test_errors_name_the_problem(golden):
         efaar.correct(golden["X"], golden["genes"] == CONTROL, golden["batch"], "combat")
     with pytest.raises(ValueError, match="n_components"):
         efaar.pca(golden["X"], n_components=64)
+
+
+def test_column_pca_gram_from_worker_blocks_and_the_rest(monkeypatch):
+    """ColumnPCA's Gram matrix is Z^T Z of the standardised columns however it is split: the worker's
+    GRAM_COLS blocks, the blocks it had not started when `complete` came (dropped, then done as one GEMM and
+    one SYRK), a partial last group, no worker at all; `complete` twice adds nothing."""
+    import threading
+    rng = np.random.default_rng(2)
+    n, d = 300, 50
+    x = rng.standard_normal((n, d)) * rng.uniform(0.5, 3, d) + rng.standard_normal(d)
+    codes = np.repeat([0, 1, 2], n // 3)
+    monkeypatch.setattr(efaar, "GRAM_COLS", 8)
+    monkeypatch.setattr(efaar, "GRAM_ROWS", 128)
+    reference = None
+    gate = threading.Event()
+    block = efaar.ColumnPCA._gram_block
+
+    def held_block(self, j0, j1):       # the worker's first block waits until complete() has been called
+        if j0 == 0:
+            gate.wait(10)
+        block(self, j0, j1)
+    monkeypatch.setattr(efaar.ColumnPCA, "_gram_block", held_block)
+    rest, starts = efaar.ColumnPCA._gram_rest, []
+    monkeypatch.setattr(efaar.ColumnPCA, "_gram_rest", lambda self, j0: (starts.append(j0), rest(self, j0)))
+    for background, hold, start in ((False, False, 0), (True, False, 48), (True, True, 8)):
+        gate.clear()
+        pca = efaar.ColumnPCA(codes, 3, d, np.float64, background=background)
+        for j in range(d):
+            assert pca.put(j, [x[:, j]])
+            pca.ready(j + 1)
+        if not hold:
+            gate.set()
+            for job, _ in pca._jobs:                  # let the worker finish every queued block
+                job.result()
+        else:
+            threading.Timer(0.2, gate.set).start()   # blocks 8.. are still queued when complete() cancels
+        pca.complete()
+        pca.complete()
+        assert starts.pop() == start and not starts      # the rest began there, once
+        gram = np.triu(pca.gram) + np.triu(pca.gram, 1).T
+        z = pca.z
+        np.testing.assert_allclose(gram, z.T @ z, rtol=1e-12, atol=1e-9)
+        reference = pca.finish(5) if reference is None else reference
+        if background:
+            np.testing.assert_allclose(np.abs(pca.finish(5)), np.abs(reference), atol=1e-10)

@@ -90,6 +90,27 @@ def test_recall_against_a_naive_implementation(table_dir):
         assert got[f"recall_{lo}_{hi}"] == np.mean((right <= lo) | (left >= hi))
 
 
+def test_recall_from_order_statistics_equals_the_sorted_null():
+    """recall_table reads a few order statistics of a partitioned null; compute_recall searches a sorted
+    one. Same counts with ties, queries equal to the cut values, thresholds on exact ranks, 0 and 1."""
+    rng = np.random.default_rng(3)
+    thresholds = [(0.05, 0.95), (0.1, 0.9), (0.0, 1.0), (0.25, 0.75), (0.5, 0.5), (1 / 3, 2 / 3)]
+    for n in (1, 2, 3, 7, 20, 100, 1000, 4999):
+        for ties in (False, True):
+            null = rng.standard_normal(n).astype(np.float32)
+            if ties:
+                null = np.round(null, 1)
+            picks = rng.choice(null, 30)
+            query = np.concatenate([picks, np.nextafter(picks, np.float32(9)), np.nextafter(picks, np.float32(-9)),
+                                    rng.standard_normal(30).astype(np.float32), [null.min(), null.max()]])
+            want = [{"source": "S", **recall.compute_recall(null, query, thresholds)}]
+            sims = recall.RelationshipSimilarities(null.copy(), {"S": query})
+            assert recall.recall_table(sims, thresholds) == want, (n, ties)
+            assert not sims._sorted                                  # partitioned, not sorted
+            np.testing.assert_array_equal(sims.sorted_null, np.sort(null))
+            assert recall.recall_table(sims, thresholds) == want     # and from the sorted null
+
+
 def test_upper_triangle_in_row_blocks_matches_triu():
     x = np.random.default_rng(1).standard_normal((37, 5)).astype(np.float32)
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
