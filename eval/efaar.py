@@ -22,6 +22,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import os
 import sys
 from collections.abc import Sequence
 
@@ -322,7 +323,7 @@ def pca(features: np.ndarray, n_components=128, chunk_rows: int = CHUNK_ROWS,
 
 
 GRAM_COLS = 128       # columns per Gram block of ColumnPCA (one GEMM per block and row chunk)
-GRAM_ROWS = 1 << 17   # rows per float32 GEMM of ColumnPCA; the blocks are summed in float64
+GRAM_ROWS = 1 << 15   # rows per float32 GEMM (and worker job) of ColumnPCA; their results are summed in float64
 
 
 class ColumnPCA:
@@ -413,15 +414,16 @@ class ColumnPCA:
         """Columns < j1 are finished: with a worker, queue their Gram blocks, GRAM_COLS columns at a time
         (`complete` does the rest)."""
         self._ready = max(self._ready, j1)
+        n = self.z.shape[0]
         while self._pool is not None and self._ready - self._queued >= GRAM_COLS:
             j0, self._queued = self._queued, self._queued + GRAM_COLS
-            self._jobs.append((self._pool.submit(self._gram_block, j0, self._queued), self._queued))
+            for r in range(0, n, GRAM_ROWS):   # a job per row chunk: `close` waits for one chunk at most
+                rows = slice(r, min(n, r + GRAM_ROWS))
+                self._jobs.append((self._pool.submit(self._gram_block, j0, self._queued, rows), j0, self._queued, rows))
 
-    def _gram_block(self, j0: int, j1: int) -> None:
-        z, n = self.z, self.z.shape[0]
-        for r in range(0, n, GRAM_ROWS):
-            rows = slice(r, min(n, r + GRAM_ROWS))
-            self.gram[:j1, j0:j1] += z[rows, :j1].T @ z[rows, j0:j1]
+    def _gram_block(self, j0: int, j1: int, rows: slice) -> None:
+        z = self.z
+        self.gram[:j1, j0:j1] += z[rows, :j1].T @ z[rows, j0:j1]
 
     def _gram_rest(self, j0: int) -> None:
         """The Gram blocks of columns j0.. at once: one GEMM for Z[:, :j0]^T Z[:, j0:] and a SYRK (numpy's
@@ -437,18 +439,18 @@ class ColumnPCA:
                 self.gram[:j0, j0:] += z[rows, :j0].T @ rest
             self.gram[j0:, j0:] += rest.T @ rest
 
-    def close(self) -> int:
-        """Stops the worker: the queued Gram blocks it has not started are dropped, the one it is computing
-        is waited for, and BLAS gets its threads back. Returns the first column whose Gram block is not
-        computed (`complete` calls it; call it when abandoning)."""
-        done = 0
+    def close(self) -> list[tuple[int, int, slice]]:
+        """Stops the worker: the queued Gram jobs it has not started are dropped and returned as
+        (j0, j1, rows), the one it is computing is waited for, and BLAS gets its threads back (`complete`
+        calls it; call it when abandoning)."""
+        dropped = []
         try:
-            for job, _ in self._jobs:
-                job.cancel()
-            for job, j1 in self._jobs:            # FIFO: the finished blocks are a prefix
+            for job, j0, j1, rows in self._jobs:
+                if job.cancel():
+                    dropped.append((j0, j1, rows))
+            for job, *_ in self._jobs:
                 if not job.cancelled():
                     job.result()
-                    done = j1
         finally:
             self._jobs = []
             if self._pool is not None:
@@ -457,14 +459,24 @@ class ColumnPCA:
             if self._limits is not None:
                 self._limits.restore_original_limits()
                 self._limits = None
-        return done
+        return dropped
 
     def complete(self) -> None:
-        """Finishes the Gram matrix once every column is in: what the worker had not started runs as one
-        GEMM and one SYRK on all BLAS threads. Idempotent."""
-        if not self._complete:
-            self._gram_rest(self.close())
-            self._complete = True
+        """Finishes the Gram matrix once every column is in, on all BLAS threads: the row chunks of the
+        block the worker was in, then everything after it as one GEMM and one SYRK. Idempotent."""
+        if self._complete:
+            return
+        dropped = self.close()
+        start = self._queued                       # the worker ran every queued job
+        if dropped:                                # FIFO: it ran the jobs before the first dropped one
+            j0, j1, rows = dropped[0]
+            start = j0
+            if rows.start > 0:                     # that block's first row chunks ran: finish its others
+                for block in (job for job in dropped if job[0] == j0):
+                    self._gram_block(*block)
+                start = j1
+        self._gram_rest(start)
+        self._complete = True
 
     def finish(self, n_components) -> np.ndarray:
         """The (rows, k) PCA embeddings in input row order; the workspace is released."""
@@ -475,8 +487,18 @@ class ColumnPCA:
         evals, components = _top_axes((gram - n * np.outer(center, center)) / (n - 1), n_components, n)
         axes = np.ascontiguousarray(components.T, self.dtype)                  # (d, k)
         out = np.empty((n, len(evals)), self.dtype)
-        for r in range(0, n, CHUNK_ROWS):
-            out[r:r + CHUNK_ROWS] = self.z[r:r + CHUNK_ROWS] @ axes
+
+        step = 8192   # rows per chunk: 20 for 162,000 rows, so the threads end together
+
+        def project(r: int) -> None:
+            np.matmul(self.z[r:r + step], axes, out=out[r:r + step])
+        # row chunks on one thread per core, each with one BLAS thread: OpenBLAS's own threads wait for
+        # each other, so a core taken by other work here (eval.map_benchmark imports scipy.stats beside
+        # this step) stalls them all; independent chunks just share the cores
+        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                      -(-n // step))
+        with single_threaded_lapack(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(project, range(0, n, step)))
         out -= (center @ components.T).astype(self.dtype)
         self.z = None
         if self.order is not None:

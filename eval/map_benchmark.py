@@ -586,4 +586,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The report is written and closed; skip the interpreter's teardown of pandas, pyarrow and scipy
+    # (0.35 s of the 7-8 s command measured here). An exception still exits through Python.
+    os._exit(code)

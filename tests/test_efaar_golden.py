@@ -142,45 +142,47 @@ def test_errors_name_the_problem(golden):
 
 
 def test_column_pca_gram_from_worker_blocks_and_the_rest(monkeypatch):
-    """ColumnPCA's Gram matrix is Z^T Z of the standardised columns however it is split: the worker's
-    GRAM_COLS blocks, the blocks it had not started when `complete` came (dropped, then done as one GEMM and
-    one SYRK), a partial last group, no worker at all; `complete` twice adds nothing."""
+    """ColumnPCA's Gram matrix is Z^T Z of the standardised columns however it is split: the worker's jobs
+    (a GRAM_COLS block by GRAM_ROWS rows each), the jobs it had not started when `complete` came (the rest of
+    a block it was in, then everything after as one GEMM and one SYRK), a partial last group, no worker at
+    all; `complete` twice adds nothing."""
     import threading
     rng = np.random.default_rng(2)
     n, d = 300, 50
     x = rng.standard_normal((n, d)) * rng.uniform(0.5, 3, d) + rng.standard_normal(d)
     codes = np.repeat([0, 1, 2], n // 3)
-    monkeypatch.setattr(efaar, "GRAM_COLS", 8)
-    monkeypatch.setattr(efaar, "GRAM_ROWS", 128)
-    reference = None
-    gate = threading.Event()
-    block = efaar.ColumnPCA._gram_block
+    monkeypatch.setattr(efaar, "GRAM_COLS", 8)                 # 6 whole blocks and 2 columns
+    monkeypatch.setattr(efaar, "GRAM_ROWS", 128)               # 3 row chunks per block
+    gate, hold = threading.Event(), [None]
+    block, rest, starts = efaar.ColumnPCA._gram_block, efaar.ColumnPCA._gram_rest, []
 
-    def held_block(self, j0, j1):       # the worker's first block waits until complete() has been called
-        if j0 == 0:
+    def held_block(self, j0, j1, rows):   # the held job waits until complete() has been called
+        if (j0, rows.start) == hold[0] and threading.current_thread() is not threading.main_thread():
             gate.wait(10)
-        block(self, j0, j1)
+        block(self, j0, j1, rows)
     monkeypatch.setattr(efaar.ColumnPCA, "_gram_block", held_block)
-    rest, starts = efaar.ColumnPCA._gram_rest, []
     monkeypatch.setattr(efaar.ColumnPCA, "_gram_rest", lambda self, j0: (starts.append(j0), rest(self, j0)))
-    for background, hold, start in ((False, False, 0), (True, False, 48), (True, True, 8)):
+    reference = None
+    # (worker?, held job (block start, first row), where the one GEMM + SYRK begins)
+    for background, held, start in ((False, None, 0), (True, None, 48), (True, (0, 0), 8), (True, (0, 256), 8),
+                                    (True, (8, 0), 16)):
         gate.clear()
+        hold[0] = held
         pca = efaar.ColumnPCA(codes, 3, d, np.float64, background=background)
         for j in range(d):
             assert pca.put(j, [x[:, j]])
             pca.ready(j + 1)
-        if not hold:
+        if held is None:
             gate.set()
-            for job, _ in pca._jobs:                  # let the worker finish every queued block
+            for job, *_ in pca._jobs:                  # let the worker finish every queued job
                 job.result()
         else:
-            threading.Timer(0.2, gate.set).start()   # blocks 8.. are still queued when complete() cancels
+            threading.Timer(0.2, gate.set).start()   # later jobs are still queued when complete() drops them
         pca.complete()
         pca.complete()
         assert starts.pop() == start and not starts      # the rest began there, once
         gram = np.triu(pca.gram) + np.triu(pca.gram, 1).T
-        z = pca.z
-        np.testing.assert_allclose(gram, z.T @ z, rtol=1e-12, atol=1e-9)
-        reference = pca.finish(5) if reference is None else reference
-        if background:
-            np.testing.assert_allclose(np.abs(pca.finish(5)), np.abs(reference), atol=1e-10)
+        np.testing.assert_allclose(gram, pca.z.T @ pca.z, rtol=1e-12, atol=1e-9)
+        result = np.abs(pca.finish(5))
+        reference = result if reference is None else reference
+        np.testing.assert_allclose(result, reference, atol=1e-10)
