@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import gc
 import importlib
 import json
@@ -28,7 +29,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 FEATURE_PREFIX = "feature_"
 _WORKSPACE = []   # the column-major feature matrix allocated before the imports (_early_workspace), if any
@@ -197,11 +198,13 @@ def _read_parquet_features(path: str, dtype: str | None) -> tuple[np.ndarray, pd
     return features, source.meta, source.columns, finite
 
 
-def _streamed_pca(source: _ParquetFeatures, batches, n_components: int) -> np.ndarray | None:
+def _streamed_pca(source: _ParquetFeatures, batches, n_components: int,
+                  meanwhile: Callable[[], None] | None = None) -> np.ndarray | None:
     """`efaar.embed_by_pca` of the file's features, decoded straight into `efaar.ColumnPCA`, which
     standardises each column as it arrives and computes the Gram matrix of finished columns on a worker
-    thread while the next ones are decoded. None when a feature is not finite (the caller reads the
-    file again to say where)."""
+    thread while the next ones are decoded. `meanwhile` runs on this thread once the features are in, while
+    the worker goes on with the queued blocks (an exception from it stops the worker and propagates). None
+    when a feature is not finite (the caller reads the file again to say where)."""
     codes, nb = efaar._codes(batches, source.rows, "batches")
     storage = _WORKSPACE.pop() if _WORKSPACE else None
     if storage is not None and (storage.shape != (source.rows, len(source.columns)) or storage.dtype != source.dtype):
@@ -214,6 +217,8 @@ def _streamed_pca(source: _ParquetFeatures, batches, n_components: int) -> np.nd
                     pca.close()
                     return None
             pca.ready(first + len(group))
+        if meanwhile is not None:
+            meanwhile()
     except BaseException:
         pca.close()
         raise
@@ -367,8 +372,9 @@ def evaluate_map(features: np.ndarray, perturbations, control, batches, annotati
 
 
 def _check_tables(perturbations, control, drop: Sequence, annotations, sources) -> None:
-    """The relationship tables checked against the map's perturbations, so a bad table fails before any
-    computing (eval.recall.known_pair_positions)."""
+    """The relationship tables checked against the map's perturbations, so a bad table fails before the
+    map's work (eval.recall.known_pair_positions); on a parquet file's streamed path, once the features are
+    decoded, beside the Gram blocks still queued and before the rest of the PCA."""
     perts = np.asarray(perturbations)
     kept = perts[~pd.Index(perts).isin([control, *drop])]
     recall.known_pair_positions(np.unique(kept.astype(str)), annotations, sources)
@@ -480,12 +486,15 @@ def run(args: argparse.Namespace) -> dict:
 
     t = time.perf_counter()
     rows, dims = (source.rows, len(source.columns)) if source else features.shape
-    _check_tables(perts, args.control, args.drop, args.annotations, args.sources)
+    check_tables = functools.partial(_check_tables, perts, args.control, args.drop, args.annotations, args.sources)
     if source is None:
+        check_tables()
         _import_in_background("scipy.stats")
     components = pca_components_for(args.pca_components, rows, dims)
     if source is not None:
-        features = _streamed_pca(source, batches if pca_batches is None else pca_batches, components)
+        # the tables are checked once the features are decoded, beside the Gram blocks still queued
+        features = _streamed_pca(source, batches if pca_batches is None else pca_batches, components,
+                                 meanwhile=check_tables)
         if features is None:   # a NaN or an infinity: the plain read says which rows and columns
             load_embeddings(args.embeddings, dtype=args.dtype)
             raise ValueError(f"{args.embeddings}: features hold NaN/inf values")
