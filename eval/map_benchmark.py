@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import functools
 import gc
 import importlib
 import json
@@ -374,7 +373,7 @@ def evaluate_map(features: np.ndarray, perturbations, control, batches, annotati
 def _check_tables(perturbations, control, drop: Sequence, annotations, sources) -> None:
     """The relationship tables checked against the map's perturbations, so a bad table fails before the
     map's work (eval.recall.known_pair_positions); on a parquet file's streamed path, once the features are
-    decoded, beside the Gram blocks still queued and before the rest of the PCA."""
+    decoded (`run`)."""
     perts = np.asarray(perturbations)
     kept = perts[~pd.Index(perts).isin([control, *drop])]
     recall.known_pair_positions(np.unique(kept.astype(str)), annotations, sources)
@@ -463,7 +462,8 @@ def run(args: argparse.Namespace) -> dict:
             and os.path.isfile(args.embeddings) and not _is_text_table(args.embeddings)
             and not efaar._use_jax("auto")):
         # A parquet file as it is: its features go straight into the PCA as they are decoded (the
-        # metadata is read and checked first); `load` then times the metadata alone.
+        # metadata columns are read and checked first, the replicate unit and the tables once the features are
+        # decoded); `load` then times the metadata alone.
         source = _ParquetFeatures(args.embeddings, args.dtype)
         meta = source.meta
     else:
@@ -480,21 +480,25 @@ def run(args: argparse.Namespace) -> dict:
                          f"{args.perturbation_col!r} (values include {examples})")
     replicate_col = args.replicate_col or args.batch_col
     replicates = _check_column(meta, replicate_col, "--replicate_col", args.embeddings)
-    _check_replicates(meta, perts, replicates, [args.control, *args.drop], replicate_col, args)
     thresholds = _parse_thresholds(args.thresholds)
+
+    def checks() -> None:   # the replicate unit and the relationship tables against the map's perturbations
+        _check_replicates(meta, perts, replicates, [args.control, *args.drop], replicate_col, args)
+        _check_tables(perts, args.control, args.drop, args.annotations, args.sources)
+    if source is None:
+        checks()
     load_s = time.perf_counter() - t
 
     t = time.perf_counter()
     rows, dims = (source.rows, len(source.columns)) if source else features.shape
-    check_tables = functools.partial(_check_tables, perts, args.control, args.drop, args.annotations, args.sources)
     if source is None:
-        check_tables()
         _import_in_background("scipy.stats")
     components = pca_components_for(args.pca_components, rows, dims)
     if source is not None:
-        # the tables are checked once the features are decoded, beside the Gram blocks still queued
+        # checked once the features are decoded, on this thread while the worker goes on with the queued
+        # Gram blocks: a bad replicate column or table still stops the command before the rest of the PCA
         features = _streamed_pca(source, batches if pca_batches is None else pca_batches, components,
-                                 meanwhile=check_tables)
+                                 meanwhile=checks)
         if features is None:   # a NaN or an infinity: the plain read says which rows and columns
             load_embeddings(args.embeddings, dtype=args.dtype)
             raise ValueError(f"{args.embeddings}: features hold NaN/inf values")
