@@ -161,10 +161,11 @@ def upper_triangle_cosines(features: np.ndarray, row_block: int = ROW_BLOCK) -> 
     x = normalize_rows(np.asarray(features))
     n = len(x)
     out = np.empty(n * (n - 1) // 2, x.dtype)
+    buffer = np.empty((min(row_block, n), n), x.dtype)   # one block's memory, reused: fresh pages cost here
     pos = 0
     for start in range(0, n, row_block):
         stop = min(start + row_block, n)
-        block = x[start:stop] @ x[start:].T  # columns start.. so row i keeps cols i+1..n-1
+        block = np.matmul(x[start:stop], x[start:].T, out=buffer[:stop - start, :n - start])  # columns start..
         for r in range(stop - start):
             row = block[r, r + 1:]
             out[pos:pos + len(row)] = row
