@@ -500,8 +500,7 @@ class ColumnPCA:
         # row chunks on one thread per core, each with one BLAS thread: OpenBLAS's own threads wait for
         # each other, so a core taken by other work here (eval.map_benchmark imports scipy.stats beside
         # this step) stalls them all; independent chunks just share the cores
-        workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
-                      -(-n // step))
+        workers = min(os.cpu_count() or 1, -(-n // step))
         with single_threaded_lapack(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(project, range(0, n, step)))
         out -= (center @ components.T).astype(self.dtype)

@@ -196,10 +196,9 @@ class RelationshipSimilarities:
 
     def order_statistics(self, ranks: Sequence[int]) -> np.ndarray:
         """The null's values at these 0-based ranks of its sorted order (the null is partitioned in place)."""
-        ranks = np.unique(np.asarray(ranks, np.int64))
         if not self._sorted:
-            _select(self.null, ranks.tolist())
-        return self.null[ranks]
+            _select(self.null, sorted(set(ranks)))
+        return self.null[np.asarray(ranks, np.int64)]
 
 
 def _select(a: np.ndarray, ranks: list[int]) -> None:
@@ -329,17 +328,17 @@ def recall_table(sims: RelationshipSimilarities, thresholds=RECALL_THRESHOLDS) -
         return [{"source": name, **compute_recall(sims.sorted_null, q, thresholds, null_is_sorted=True)}
                 for name, q in sims.queries.items()]
     cuts = [_rank_cuts(lo, hi, n) for lo, hi in pairs]
-    ranks = [r for m, c in cuts for r in (m, c - 1) if 0 <= r < n]
-    value = dict(zip(np.unique(ranks).tolist(), sims.order_statistics(ranks).tolist()))
+    ranks = sorted({r for m, c in cuts for r in (m, c - 1) if 0 <= r < n})
+    value = dict(zip(ranks, sims.order_statistics(ranks).tolist()))
+
+    def at(rank: int) -> float:   # the null's value of this rank; -inf before the first, +inf after the last
+        return value[rank] if 0 <= rank < n else (-np.inf if rank < 0 else np.inf)
     records = []
     for name, q in sims.queries.items():
         record = {"source": name, "null_distribution_size": n, "query_distribution_size": int(len(q))}
         for (lo, hi), (m, c) in zip(pairs, cuts):
-            low = (q < value[m]) if m < n else np.ones(len(q), bool)          # count(null <= q) <= m
-            high = (q > value[c - 1]) if c >= 1 else np.ones(len(q), bool)    # count(null < q) >= c
-            if c > n:
-                high = np.zeros(len(q), bool)
-            record[f"recall_{lo}_{hi}"] = float(np.count_nonzero(low | high) / len(q))
+            hits = (q < at(m)) | (q > at(c - 1))   # count(null <= q) <= m, or count(null < q) >= c
+            record[f"recall_{lo}_{hi}"] = float(np.count_nonzero(hits) / len(q))
         records.append(record)
     return records
 
