@@ -15,6 +15,7 @@ stacked into (G, r, d) and their r x r cosine matrices come from one batched mat
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -219,10 +220,95 @@ def replicate_consistency(features: np.ndarray, perturbations, replicates=None, 
         raise ValueError(no_replicate_pairs(labels[keep], reps))
     null = _non_replicate_pair_cosines(profiles[0], profiles[1], None if reps is None else profiles[2],
                                        null_pairs or max(len(rep), 10_000), seed)
-    from scipy import stats   # here, not at import: scipy.stats takes ~1.4 s to import
-    ks = stats.ks_2samp(rep, null)
-    cvm = stats.cramervonmises_2samp(rep, null)
-    return {"ks_statistic": float(ks.statistic), "ks_pvalue": float(ks.pvalue),
-            "cvm_statistic": float(cvm.statistic), "cvm_pvalue": float(cvm.pvalue),
-            "num_replicate_pairs": int(len(rep)), "num_null_pairs": int(len(null)),
+    return {**two_sample_tests(rep, null), "num_replicate_pairs": int(len(rep)), "num_null_pairs": int(len(null)),
             "median_replicate_cosine": float(np.median(rep)), "median_null_cosine": float(np.median(null))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The two-sample tests: scipy.stats' own numbers without importing scipy.stats where we can
+# ---------------------------------------------------------------------------------------------------------
+# Written for speed: `import scipy.stats` costs 0.7-0.9 s of CPU (its distributions' docstrings are parsed at
+# import), as much as the whole recall of a 10,000-gene map. For the sample sizes of a screen (both samples
+# above scipy's MAX_AUTO_N = 10,000 for KS, above 20 for CvM) scipy computes both p-values by closed forms of
+# scipy.special; those are reproduced here step by step from scipy 1.17's source (stats._stats_py.ks_2samp,
+# stats._ksstats._kolmogn, stats._hypotests.cramervonmises_2samp and _cdf_cvm_inf), and
+# tests/test_consistency.py checks them bit for bit against scipy.stats. Every other case (small samples,
+# NaN, the KS branches that need scipy's matrix algorithms) is scipy.stats' own call.
+
+def two_sample_tests(x: np.ndarray, y: np.ndarray) -> dict:
+    """`scipy.stats.ks_2samp(x, y)` and `scipy.stats.cramervonmises_2samp(x, y)` (defaults: two-sided,
+    method 'auto'): their statistics and p-values as floats."""
+    x, y = np.asarray(x), np.asarray(y)
+    fast = (x.ndim == y.ndim == 1 and min(len(x), len(y)) > 1 and max(len(x), len(y)) > 10_000
+            and np.isfinite(x).all() and np.isfinite(y).all())
+    ks = _ks_2samp_asymptotic(np.sort(x), np.sort(y)) if fast else None
+    if ks is None:
+        from scipy import stats   # the general case
+        ks_res, cvm_res = stats.ks_2samp(x, y), stats.cramervonmises_2samp(x, y)
+        ks, cvm = (ks_res.statistic, ks_res.pvalue), (cvm_res.statistic, cvm_res.pvalue)
+    else:
+        cvm = _cramervonmises_2samp_asymptotic(np.sort(x), np.sort(y))
+    return {"ks_statistic": float(ks[0]), "ks_pvalue": float(ks[1]),
+            "cvm_statistic": float(cvm[0]), "cvm_pvalue": float(cvm[1])}
+
+
+def _ks_2samp_asymptotic(x: np.ndarray, y: np.ndarray) -> tuple[float, float] | None:
+    """ks_2samp's statistic and its 'asymp' two-sided p-value, kstwo.sf(d, round(n1 n2 / (n1 + n2))), for
+    sorted samples; None where _kolmogn would need the Durbin matrix or Pelz-Good (then scipy computes)."""
+    from scipy import special
+    both = np.concatenate([x, y])
+    diffs = np.searchsorted(x, both, side="right") / len(x) - np.searchsorted(y, both, side="right") / len(y)
+    min_s, max_s = np.clip(-diffs[np.argmin(diffs)], 0, 1), diffs[np.argmax(diffs)]
+    d = min_s if min_s > max_s else max_s
+    m, n = sorted([float(len(x)), float(len(y))], reverse=True)
+    n = int(np.round(m * n / (m + n)))   # an int, as scipy's kolmogn hands it to _kolmogn and smirnov
+    if n <= 140:
+        return None
+    t = n * d
+    if d >= 1.0:
+        prob = 0.0
+    elif d <= 0.0 or t <= 0.5:
+        prob = 1.0
+    elif t <= 1.0:
+        return None
+    elif t >= n - 1:
+        prob = 2 * (1.0 - d) ** n
+    elif d >= 0.5 or t * d >= 2.2:
+        prob = 0.0 if d < 0.5 and t * d >= 370.0 else 2 * special.smirnov(n, d)
+    else:
+        return None
+    return d, float(np.clip(prob, 0.0, 1.0))
+
+
+def _cramervonmises_2samp_asymptotic(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """cramervonmises_2samp's T and its asymptotic p-value (method 'auto' for more than 20 values) for sorted
+    samples. The mid-ranks of the pooled sample come from two binary searches per value (exact halves, as
+    scipy.stats.rankdata's)."""
+    from scipy import special
+    nx, ny = len(x), len(y)
+    dtype = np.result_type(x, y)
+    dtype = dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+
+    def midranks(v):
+        below = np.searchsorted(x, v, "left") + np.searchsorted(y, v, "left")
+        ties = np.searchsorted(x, v, "right") + np.searchsorted(y, v, "right") - below
+        return (below + 0.5 * (ties + 1)).astype(dtype, copy=False)
+    u = (nx * np.sum((midranks(x) - np.arange(1, nx + 1, dtype=dtype)) ** 2)
+         + ny * np.sum((midranks(y) - np.arange(1, ny + 1, dtype=dtype)) ** 2))
+    k, big_n = nx * ny, nx + ny
+    t = u / (k * big_n) - (4 * k - 1) / (6 * big_n)
+    et = (1 + 1 / big_n) / 6
+    vt = (big_n + 1) * (4 * k * big_n - 3 * (nx ** 2 + ny ** 2) - 2 * k)
+    vt = vt / (45 * big_n ** 2 * 4 * k)
+    tn = np.asarray(1 / 6 + (t - et) / math.sqrt(45 * vt))
+    if not tn >= 0.003:   # scipy: the cdf is below 1.28e-18 there, p = 1
+        return t, 1.0
+    total, j = np.zeros_like(tn), 0
+    while True:   # _cdf_cvm_inf's series, term by term until one is below 1e-7
+        scale = math.exp(special.gammaln(j + 0.5) - special.gammaln(j + 1)) / (np.pi ** 1.5 * np.sqrt(tn))
+        q = (4 * j + 1) ** 2 / (16 * tn)
+        term = scale * math.sqrt(4 * j + 1) * np.exp(-q) * np.asarray(special.kv(0.25, q), dtype=scale.dtype)
+        total = total + term
+        j += 1
+        if not abs(term) >= 1e-7:
+            return t, np.clip(1.0 - total, 0.0, None)

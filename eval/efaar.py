@@ -498,8 +498,8 @@ class ColumnPCA:
         def project(r: int) -> None:
             np.matmul(self.z[r:r + step], axes, out=out[r:r + step])
         # row chunks on one thread per core, each with one BLAS thread: OpenBLAS's own threads wait for
-        # each other, so a core taken by other work here (eval.map_benchmark imports scipy.stats beside
-        # this step) stalls them all; independent chunks just share the cores
+        # each other, so a core taken by other work here (another thread of the caller's) stalls them
+        # all; independent chunks just share the cores
         workers = min(os.cpu_count() or 1, -(-n // step))
         with single_threaded_lapack(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
             list(pool.map(project, range(0, n, step)))

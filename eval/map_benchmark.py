@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import gc
-import importlib
 import json
 import mmap
 import os
@@ -221,8 +220,7 @@ def _streamed_pca(source: _ParquetFeatures, batches, n_components: int,
     except BaseException:
         pca.close()
         raise
-    pca.complete()                         # the Gram matrix, on all cores
-    _import_in_background("scipy.stats")   # beside the single-threaded eigendecomposition
+    pca.complete()   # the Gram matrix, on all cores
     return pca.finish(n_components)
 
 
@@ -423,13 +421,6 @@ def _consistency(pmap: efaar.PerturbationMap, perts: np.ndarray, batches, droppe
     }
 
 
-def _import_in_background(module: str) -> None:
-    """Imports a module in a daemon thread. The map's PCA runs largely single-threaded numpy and BLAS
-    code that releases the GIL, leaving a core for the import (scipy.stats, for the replicate
-    consistency, takes ~1.4 s of pure Python). A later `import` of the module waits for this one."""
-    threading.Thread(target=importlib.import_module, args=(module,), name=f"import {module}", daemon=True).start()
-
-
 def _check_replicates(meta: pd.DataFrame, perts: np.ndarray, replicates: np.ndarray, dropped: Sequence[str],
                       column: str, args: argparse.Namespace) -> None:
     """Replicate consistency compares a perturbation's profiles across values of the replicate column
@@ -491,8 +482,6 @@ def run(args: argparse.Namespace) -> dict:
 
     t = time.perf_counter()
     rows, dims = (source.rows, len(source.columns)) if source else features.shape
-    if source is None:
-        _import_in_background("scipy.stats")
     components = pca_components_for(args.pca_components, rows, dims)
     if source is not None:
         # checked once the features are decoded, on this thread while the worker goes on with the queued

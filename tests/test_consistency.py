@@ -85,3 +85,39 @@ def test_a_perturbation_with_one_replicate_gets_no_p_value():
     solo = table.set_index("pert").loc["solo"]
     assert np.isnan(solo["avgcossim"]) and np.isnan(solo["pval"])
     assert consistency.consistency_summary(table)["num_perturbations"] == 2
+
+
+def _sample_pairs():
+    """Samples in every regime of scipy's KS and CvM p-values: small (exact), large with weak and strong
+    shifts (asymptotic, our closed forms or scipy's fallback), float32 and float64, ties."""
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        for shift in (0.0, 0.01, 0.02, 0.05, 0.3, 5.0):
+            for n1, n2 in ((60000, 60000), (12000, 10001), (300, 20000), (5000, 5000), (30, 25)):
+                yield rng.normal(shift, 1, n1).astype(dtype), rng.normal(0, 1, n2).astype(dtype)
+    yield np.round(rng.normal(0, 1, 20000), 1), np.round(rng.normal(0.05, 1, 15000), 1)   # many ties
+    yield np.repeat([0.0, 1.0], 8000), np.repeat([0.0, 1.0], [3000, 12000])
+
+
+def test_two_sample_tests_equal_scipy_stats_bit_for_bit():
+    from scipy import stats
+    ours_only = 0
+    for x, y in _sample_pairs():
+        ks, cvm = stats.ks_2samp(x, y), stats.cramervonmises_2samp(x, y)
+        expected = {"ks_statistic": float(ks.statistic), "ks_pvalue": float(ks.pvalue),
+                    "cvm_statistic": float(cvm.statistic), "cvm_pvalue": float(cvm.pvalue)}
+        assert consistency.two_sample_tests(x, y) == expected, (len(x), len(y), x.dtype)
+        ours_only += max(len(x), len(y)) > 10_000 and \
+            consistency._ks_2samp_asymptotic(np.sort(x), np.sort(y)) is not None
+    assert ours_only >= 15   # the closed forms were exercised (the rest is scipy's own call)
+
+
+def test_two_sample_tests_on_screen_sizes_do_not_import_scipy_stats():
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np; from eval import consistency; r = np.random.default_rng(0); "
+            "out = consistency.two_sample_tests(r.normal(0.1, 1, 60000), r.normal(0, 1, 60000)); "
+            "assert 'scipy.stats' not in sys.modules, 'imported scipy.stats'; print(out['ks_pvalue'])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) < 1e-10
