@@ -336,9 +336,10 @@ class ColumnPCA:
     each group of GRAM_COLS finished columns gets its block of the Gram matrix,
     Z[:, :j1]^T Z[:, j0:j1], on a worker thread with one BLAS thread (float32 GEMMs of GRAM_ROWS rows,
     one job each, summed in float64), so the BLAS work of one group overlaps the decoding of the next.
-    `complete` (once every column is in) drops the jobs the worker has not started and does them on all
-    BLAS threads: the rest of the block it was in, then one GEMM and one SYRK for the columns after it.
-    Measured on the 162,000 x 1,664 case of docs/eval.md, read + standardise + Gram in 3.8 s against
+    `complete` (once every column is in) drops the jobs the worker has not started and runs what is left
+    as one task per block on every core, each with one BLAS thread; every block is summed over the same
+    row chunks in the same order whoever computes it, so the Gram matrix (and the map) is the same bits
+    from run to run, whatever the worker had got through. Measured on the 162,000 x 1,664 case of docs/eval.md, read + standardise + Gram in 3.8 s against
     4.0 s one after the other, the Gram alone 6.4 s on one core. `finish` eigendecomposes and projects.
     When a batch's rows are not contiguous the workspace holds the rows batch-sorted (a stable sort) and
     `finish` returns them in input order.
@@ -426,33 +427,29 @@ class ColumnPCA:
 
     def _gram_block(self, j0: int, j1: int, rows: slice) -> None:
         """Rows `rows` of the Gram columns j0:j1: a GEMM for Z[:, :j0]^T Z[:, j0:j1] and a SYRK (numpy's
-        `a.T @ a`) for the square, whose lower half is not computed. Over the 128-column blocks a plain
-        Z[:, :j1]^T Z[:, j0:j1] would compute 4.7% more of the matrix (d = 1664); for all columns from j0
-        at once, on two BLAS threads: 2.3 s against 2.4 s for the blocks from j0 = 768, 2.8 s against
-        3.2 s from 0."""
+        `a.T @ a`) for the square, whose lower half is not computed (over the 128-column blocks a plain
+        Z[:, :j1]^T Z[:, j0:j1] would compute 4.7% more of the matrix, d = 1664)."""
         z = self.z
         square = z[rows, j0:j1]
         if j0:
             self.gram[:j0, j0:j1] += z[rows, :j0].T @ square
         self.gram[j0:j1, j0:j1] += square.T @ square
 
-    def _gram_rest(self, j0: int) -> None:
-        """The Gram columns j0.. at once (`_gram_block` over all of them, row chunk by row chunk)."""
-        z, n = self.z, self.z.shape[0]
-        if j0 >= z.shape[1]:
-            return
-        for r in range(0, n, GRAM_ROWS):
-            self._gram_block(j0, z.shape[1], slice(r, min(n, r + GRAM_ROWS)))
+    def _gram_chunks(self, j0: int, j1: int, rows: Sequence[slice]) -> None:
+        for r in rows:
+            self._gram_block(j0, j1, r)
 
     def close(self) -> list[tuple[int, int, slice]]:
         """Stops the worker: the queued Gram jobs it has not started are dropped and returned as
-        (j0, j1, rows), the one it is computing is waited for, and BLAS gets its threads back (`complete`
-        calls it; call it when abandoning)."""
+        (j0, j1, rows) in queue order, the one it is computing is waited for (`complete` calls it; call it
+        when abandoning). The jobs are cancelled from the last one back, so the worker, which takes them in
+        order, cannot start one behind a cancelled one: it ran exactly the jobs before the first dropped."""
         dropped = []
         try:
-            for job, j0, j1, rows in self._jobs:
-                if job.cancel():
-                    dropped.append((j0, j1, rows))
+            for job, j0, j1, rows in reversed(self._jobs):
+                if not job.cancel():
+                    break
+                dropped.append((j0, j1, rows))
             for job, *_ in self._jobs:
                 if not job.cancelled():
                     job.result()
@@ -464,23 +461,29 @@ class ColumnPCA:
             if self._limits is not None:
                 self._limits.restore_original_limits()
                 self._limits = None
-        return dropped
+        return dropped[::-1]
 
     def complete(self) -> None:
-        """Finishes the Gram matrix once every column is in, on all BLAS threads: the row chunks of the
-        block the worker was in, then everything after it as one GEMM and one SYRK. Idempotent."""
+        """Finishes the Gram matrix once every column is in. The work left (the row chunks of the block the
+        worker was in, every later GRAM_COLS block) runs as one task per block on one thread per core, each
+        with one BLAS thread, largest first; a block's row chunks run in order on one thread. Every Gram
+        entry is thus the same float32 GEMM or SYRK sums added in the same order whatever the worker had
+        done: the result does not depend on the timing (nor on the number of cores). Idempotent."""
         if self._complete:
             return
         dropped = self.close()
-        start = self._queued                       # the worker ran every queued job
-        if dropped:                                # FIFO: it ran the jobs before the first dropped one
-            j0, j1, rows = dropped[0]
-            start = j0
-            if rows.start > 0:                     # that block's first row chunks ran: finish its others
-                for block in (job for job in dropped if job[0] == j0):
-                    self._gram_block(*block)
-                start = j1
-        self._gram_rest(start)
+        tasks: dict[tuple[int, int], list[slice]] = {}
+        for j0, j1, rows in dropped:
+            tasks.setdefault((j0, j1), []).append(rows)
+        n, d = self.z.shape
+        chunks = [slice(r, min(n, r + GRAM_ROWS)) for r in range(0, n, GRAM_ROWS)]
+        for j0 in range(self._queued, d, GRAM_COLS):
+            tasks[(j0, min(d, j0 + GRAM_COLS))] = chunks
+        order = sorted(tasks, key=lambda block: -block[1] * sum(r.stop - r.start for r in tasks[block]))
+        workers = max(1, min(os.cpu_count() or 1, len(order)))
+        with single_threaded_lapack(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda block: self._gram_chunks(*block, tasks[block]), order))
+        self._queued = d
         self._complete = True
 
     def finish(self, n_components) -> np.ndarray:
