@@ -109,7 +109,7 @@ def test_two_sample_tests_equal_scipy_stats_bit_for_bit():
         assert consistency.two_sample_tests(x, y) == expected, (len(x), len(y), x.dtype)
         ours_only += max(len(x), len(y)) > 10_000 and \
             consistency._ks_2samp_asymptotic(np.sort(x), np.sort(y)) is not None
-    assert ours_only >= 15   # the closed forms were exercised (the rest is scipy's own call)
+    assert ours_only == 23   # the closed forms were exercised (the rest is scipy's own call)
 
 
 def test_two_sample_tests_on_screen_sizes_do_not_import_scipy_stats():
