@@ -121,3 +121,18 @@ def test_two_sample_tests_on_screen_sizes_do_not_import_scipy_stats():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout) < 1e-10
+
+
+def test_replicate_consistency_tests_float32_cosines_in_float64():
+    """The CvM statistic of float32 embeddings' cosines is scipy's on the cosines as float64 (in float32 scipy
+    keeps about three digits of it)."""
+    from scipy import stats
+    x, perts, batch = _screen(0.3, perts=300, batches=4, reps=2)
+    x = x.astype(np.float32)
+    out = consistency.replicate_consistency(x, perts, batch, null_pairs=12_000)
+    rep = consistency.replicate_pair_cosines(x, perts, batch)
+    null = consistency.non_replicate_pair_cosines(x, perts, 12_000, batch)
+    assert rep.dtype == null.dtype == np.float32 and len(null) == out["num_null_pairs"]
+    cvm = stats.cramervonmises_2samp(rep.astype(np.float64), null.astype(np.float64))
+    assert out["cvm_statistic"] == float(cvm.statistic) and out["cvm_pvalue"] == float(cvm.pvalue)
+    assert out["cvm_statistic"] != float(stats.cramervonmises_2samp(rep, null).statistic)
