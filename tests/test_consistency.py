@@ -1,4 +1,8 @@
 """Replicate consistency: EFAAR's benchmark equals the golden; KS/CvM respond to replicate signal."""
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -113,12 +117,11 @@ def test_two_sample_tests_equal_scipy_stats_bit_for_bit():
 
 
 def test_two_sample_tests_on_screen_sizes_do_not_import_scipy_stats():
-    import subprocess
-    import sys
     code = ("import sys, numpy as np; from eval import consistency; r = np.random.default_rng(0); "
             "out = consistency.two_sample_tests(r.normal(0.1, 1, 60000), r.normal(0, 1, 60000)); "
             "assert 'scipy.stats' not in sys.modules, 'imported scipy.stats'; print(out['ks_pvalue'])")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parents[1])   # the checkout, whatever pytest's directory
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout) < 1e-10
 
