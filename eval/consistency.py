@@ -222,7 +222,8 @@ def replicate_consistency(features: np.ndarray, perturbations, replicates=None, 
                                        null_pairs or max(len(rep), 10_000), seed)
     # in float64: scipy computes the CvM statistic in the samples' dtype, and from float32 cosines it keeps
     # three digits (0.484375 against 0.4846936 for 60,000 values) and a p-value no smaller than ~1e-7
-    return {**two_sample_tests(rep.astype(np.float64), null.astype(np.float64)), "num_replicate_pairs": int(len(rep)), "num_null_pairs": int(len(null)),
+    return {**two_sample_tests(rep.astype(np.float64), null.astype(np.float64)),
+            "num_replicate_pairs": int(len(rep)), "num_null_pairs": int(len(null)),
             "median_replicate_cosine": float(np.median(rep)), "median_null_cosine": float(np.median(null))}
 
 
@@ -243,13 +244,14 @@ def two_sample_tests(x: np.ndarray, y: np.ndarray) -> dict:
     x, y = np.asarray(x), np.asarray(y)
     fast = (x.ndim == y.ndim == 1 and min(len(x), len(y)) > 1 and max(len(x), len(y)) > 10_000
             and np.isfinite(x).all() and np.isfinite(y).all())
-    ks = _ks_2samp_asymptotic(np.sort(x), np.sort(y)) if fast else None
+    sorted_x, sorted_y = (np.sort(x), np.sort(y)) if fast else (None, None)
+    ks = _ks_2samp_asymptotic(sorted_x, sorted_y) if fast else None
     if ks is None:
         from scipy import stats   # the general case
         ks_res, cvm_res = stats.ks_2samp(x, y), stats.cramervonmises_2samp(x, y)
         ks, cvm = (ks_res.statistic, ks_res.pvalue), (cvm_res.statistic, cvm_res.pvalue)
     else:
-        cvm = _cramervonmises_2samp_asymptotic(np.sort(x), np.sort(y))
+        cvm = _cramervonmises_2samp_asymptotic(sorted_x, sorted_y)
     return {"ks_statistic": float(ks[0]), "ks_pvalue": float(ks[1]),
             "cvm_statistic": float(cvm[0]), "cvm_pvalue": float(cvm[1])}
 

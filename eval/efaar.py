@@ -339,8 +339,9 @@ class ColumnPCA:
     `complete` (once every column is in) drops the jobs the worker has not started and runs what is left
     as one task per block on every core, each with one BLAS thread; every block is summed over the same
     row chunks in the same order whoever computes it, so the Gram matrix (and the map) is the same bits
-    from run to run, whatever the worker had got through. Measured on the 162,000 x 1,664 case of docs/eval.md, read + standardise + Gram in 3.8 s against
-    4.0 s one after the other, the Gram alone 6.4 s on one core. `finish` eigendecomposes and projects.
+    from run to run, whatever the worker had got through. Measured on the 162,000 x 1,664 case of
+    docs/eval.md, read + standardise + Gram in 3.8 s against 4.0 s one after the other, the Gram alone
+    6.4 s on one core. `finish` eigendecomposes and projects.
     When a batch's rows are not contiguous the workspace holds the rows batch-sorted (a stable sort) and
     `finish` returns them in input order.
 
